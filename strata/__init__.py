@@ -1,0 +1,3 @@
+"""strata: an OpenAI-compatible LLM serving daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2-style biases) over a paged KV cache.
+
+Tokens of all sequences in a step are flattened into one [T, hidden] batch:
+projections and MLPs run once on all rows, attention runs per prefill slice
+and once, batched, for all decode rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from strata.engine.models.attention_batch import AttentionBatch
+from strata.engine.models.config import ModelConfig
+from strata.kernels.paged_attention import (
+    gather_kv,
+    paged_decode_attention,
+    prefill_attention,
+    write_kv,
+)
+from strata.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
+
+
+class LlamaLayer:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> None:
+        a = prefix + "self_attn."
+        self.qkv = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
+        self.qkv_bias = (
+            torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
+            if cfg.attention_bias
+            else None
+        )
+        self.o = w[a + "o_proj.weight"]
+        m = prefix + "mlp."
+        self.gate_up = torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])
+        self.down = w[m + "down_proj.weight"]
+        self.attn_norm = w[prefix + "input_layernorm.weight"]
+        self.mlp_norm = w[prefix + "post_attention_layernorm.weight"]
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        w = {k: v.to(dtype) for k, v in weights.items()}
+        self.embed = w["model.embed_tokens.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.norm = w["model.norm.weight"]
+        self.layers = [LlamaLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype)
+        self.scale = cfg.head_dim**-0.5
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: torch.dtype) -> LlamaModel:
+        cfg = ModelConfig.from_dir(model_dir)
+        weights: dict[str, torch.Tensor] = {}
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+        for f in files:
+            weights.update(load_file(str(f)))
+        return cls(cfg, weights, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, d] -> [T, hidden]."""
+        cfg = self.cfg
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.cos_sin[positions].unbind(1)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            x = x + self._attention(h, layer, cos, sin, batch, kv_cache[i, 0], kv_cache[i, 1])
+            h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def _attention(
+        self,
+        h: torch.Tensor,
+        layer: LlamaLayer,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        t = h.shape[0]
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
+        write_kv(k_cache, v_cache, k, v, batch.slots)
+
+        out = torch.empty_like(q)
+        for p in batch.prefills:
+            if p.context_slots is None:
+                ks, vs = k[p.start : p.end], v[p.start : p.end]
+            else:
+                ks, vs = gather_kv(k_cache, p.context_slots), gather_kv(v_cache, p.context_slots)
+            out[p.start : p.end] = prefill_attention(q[p.start : p.end], ks, vs, self.scale)
+        if batch.decode_rows.numel():
+            rows = batch.decode_rows
+            out[rows] = paged_decode_attention(
+                q[rows], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale
+            )
+        return F.linear(out.view(t, self.q_size), layer.o)

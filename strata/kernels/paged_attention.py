@@ -1,0 +1,69 @@
+"""Attention over the paged KV cache: the PyTorch reference (CPU and test oracle).
+
+Cache layout per layer: [num_blocks, block_size, kv_heads, head_dim]; a token's
+slot is block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store the K/V of new tokens ([T, kv_heads, head_dim]) at their slots ([T])."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """K or V of the tokens at `slots` (any shape), contiguous: [*slots.shape, kv_heads, head_dim]."""
+    return cache.view(-1, *cache.shape[2:])[slots]
+
+
+def block_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Slots of positions 0..length-1 of one sequence."""
+    pos = torch.arange(length)
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of n new queries over S = history + n keys (bottom-right aligned).
+
+    q: [n, heads, d]; k, v: [S, kv_heads, d] -> [n, heads, d].
+    """
+    n, s = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if n == s:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        mask = torch.ones(n, s, dtype=torch.bool).tril(diagonal=s - n)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over its whole cached context.
+
+    q: [B, heads, d]; block_tables: [B, max_blocks] (int64); context_lens: [B] -> [B, heads, d].
+    """
+    block_size = k_cache.shape[1]
+    max_len = int(context_lens.max())
+    pos = torch.arange(max_len)
+    slots = block_tables[:, pos // block_size] * block_size + pos % block_size
+    k = gather_kv(k_cache, slots).transpose(1, 2)  # [B, kv_heads, L, d]
+    v = gather_kv(v_cache, slots).transpose(1, 2)
+    mask = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)

@@ -1,0 +1,58 @@
+"""Rotary position embedding (half-split layout, as Hugging Face Llama).
+
+Lives in kernels because both the model (engine) and positional re-encoding of
+stored keys (storage) use it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    if kind in (None, "default"):
+        return inv_freq
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype) -> torch.Tensor:
+    """[max_positions, 2, head_dim // 2]: cos and sin per position."""
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos, sin: [T, head_dim // 2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move keys stored at position p to p + delta: R(p + delta) = R(delta) R(p)."""
+    angle = (inv_freq * float(delta)).to(torch.float64)
+    cos = angle.cos().to(keys.dtype).expand(keys.shape[0], -1)
+    sin = angle.sin().to(keys.dtype).expand(keys.shape[0], -1)
+    return apply_rotary(keys, cos, sin)
