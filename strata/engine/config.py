@@ -1,0 +1,18 @@
+"""Engine settings (the server's flags map onto these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    dtype: str = "float32"
+    max_model_len: int | None = None  # default: the model's context length
+    kv_cache_gb: float = 1.0
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
+    max_queue: int = 1024  # waiting requests beyond this are refused (503)
+    seed: int = 0

@@ -1,0 +1,172 @@
+"""The synchronous engine core: add requests, then call `step()` in a loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from strata.engine.config import EngineConfig
+from strata.engine.model_runner import ModelRunner
+from strata.engine.models.llama import LlamaModel
+from strata.engine.output_text import OutputText
+from strata.engine.request import Request, RequestOutput
+from strata.engine.sampler import sample_token
+from strata.engine.scheduler import Scheduler
+from strata.engine.sequence import Sequence, SequenceStatus
+from strata.engine.stats import EngineStats
+from strata.engine.tokenizer import Tokenizer
+from strata.engine.weights.model_files import ModelFiles, resolve_model
+from strata.storage.block_pool import BlockPool
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestRejected(ValueError):
+    """The request can never be served as asked (a client error)."""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.files: ModelFiles = resolve_model(config.model)
+        dtype = DTYPES[config.dtype]
+        t0 = time.monotonic()
+        self.model = LlamaModel.load(self.files.directory, dtype)
+        self.tokenizer = Tokenizer(self.files.directory)
+        cfg = self.model.cfg
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        per_block = BlockPool.bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                              config.block_size, dtype)
+        self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
+                              int(config.kv_cache_gb * 2**30) // per_block, dtype)
+        self.scheduler = Scheduler(config, self.pool)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.stats = EngineStats()
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self._seqs: dict[str, Sequence] = {}
+        self._seed_source = torch.Generator().manual_seed(config.seed)
+        log.info("model %s loaded in %.1fs: %d layers, KV cache %d blocks of %d tokens (%.2f GiB)",
+                 self.files.name, time.monotonic() - t0, cfg.num_hidden_layers, self.pool.num_blocks,
+                 config.block_size, self.pool.num_blocks * per_block / 2**30)
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence this engine can hold: the model's window or the whole KV pool."""
+        return min(self.max_model_len, self.pool.num_blocks * self.pool.block_size)
+
+    def add_request(self, request: Request) -> None:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise RequestRejected("the prompt is empty")
+        if n >= self.context_limit:
+            raise RequestRejected(
+                f"This model's maximum context length is {self.context_limit} tokens, "
+                f"however you requested {n} tokens in the prompt."
+            )
+        if request.request_id in self._seqs:
+            raise RequestRejected(f"duplicate request id {request.request_id}")
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+        p = request.sampling
+        seq = Sequence(request, OutputText(self.tokenizer, p.stop, p.skip_special_tokens), seed)
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        return self._finish(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += batch.num_preempted
+        if batch.empty:
+            return []
+        for seq, n in batch.items:
+            if seq.num_computed < seq.num_prompt_tokens:
+                self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed)
+        seqs, logits = self.runner.run(batch)
+        self.stats.steps += 1
+        outputs = []
+        for i, seq in enumerate(seqs):
+            outputs.append(self._append_token(seq, logits[i]))
+        return outputs
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """After an internal error: end every request with an error instead of hanging it."""
+        outs = []
+        for seq in list(self._seqs.values()):
+            seq.finish_reason = "error"
+            out = self._finish(seq)
+            out.error = message
+            outs.append(out)
+        return outs
+
+    def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        p = seq.sampling
+        stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
+        token, logprob = sample_token(logits, p, seq.token_ids[: seq.num_prompt_tokens], seq.output_ids,
+                                      stop_ids, seq.generator)
+        seq.token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+            self.stats.ttft.observe(seq.first_token_time - seq.arrival_time)
+        seq.pending_token_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+
+        stopped_by_token = token in stop_ids  # the sampler masks these until min_tokens
+        text_ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
+        seq.output_text.update(text_ids)
+        if stopped_by_token or seq.output_text.stopped:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.context_limit:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            return self._finish(seq)
+        return self._output(seq, final=False)
+
+    def _output(self, seq: Sequence, final: bool) -> RequestOutput:
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=seq.pending_token_ids,
+            new_text=seq.output_text.take_delta(final),
+            logprobs=seq.pending_logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            finished=final,
+            finish_reason=seq.finish_reason if final else None,
+        )
+        seq.pending_token_ids, seq.pending_logprobs = [], []
+        return out
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self._seqs.pop(seq.request_id, None)
+        self.stats.finished[seq.finish_reason or "stop"] += 1
+        return self._output(seq, final=True)

@@ -1,0 +1,102 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+One token budget per step covers decodes (one token each) and prefill chunks,
+so a long prompt is cut into chunks and never stalls the running decodes for
+long. Running sequences go first; waiting ones are admitted while the budget,
+`max_num_seqs` and free KV blocks allow. When blocks run out, the most recently
+admitted sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from strata.engine.config import EngineConfig
+from strata.engine.sequence import Sequence, SequenceStatus
+from strata.storage.block_pool import BlockPool
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Sequence, int]]  # (sequence, number of new tokens to compute)
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.pool.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        items: list[tuple[Sequence, int]] = []
+        preempted = 0
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            items.append((seq, n))
+            budget -= n
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            items.append((seq, n))
+            budget -= n
+        return ScheduledBatch(items, preempted)

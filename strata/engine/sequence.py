@@ -1,0 +1,53 @@
+"""The engine's state of one request while it is queued or running."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from strata.engine.output_text import OutputText
+from strata.engine.request import Request, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: Request, output_text: OutputText, seed: int) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.sampling = request.sampling
+        self.token_ids: list[int] = list(request.prompt_ids)
+        self.num_prompt_tokens = len(request.prompt_ids)
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # prompt tokens reused instead of computed
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.output_text = output_text
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.pending_token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
