@@ -79,7 +79,7 @@ class LlamaModel:
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, d] -> [T, hidden]."""
+        """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, d]."""
         cfg = self.cfg
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos_sin[positions].unbind(1)
