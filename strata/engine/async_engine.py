@@ -53,10 +53,7 @@ class AsyncEngine:
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Outputs of one request, the last with `finished` set. Leaving early aborts the request."""
-        if not self.alive:
-            raise EngineDead("the engine is not running")
-        if self.engine.num_waiting >= self.engine.config.max_queue:
-            raise EngineOverloaded("too many requests are waiting")
+        self.check_admission()
         rid = request.request_id
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._streams_lock:
@@ -77,6 +74,12 @@ class AsyncEngine:
                 self._streams.pop(rid, None)
             if not finished:
                 self.abort(rid)
+
+    def check_admission(self) -> None:
+        if not self.alive:
+            raise EngineDead("the engine is not running")
+        if self.engine.num_waiting >= self.engine.config.max_queue:
+            raise EngineOverloaded("too many requests are waiting")
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)

