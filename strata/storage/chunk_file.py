@@ -1,0 +1,185 @@
+"""On-disk format of one SSD chunk: a checked header, then layer-major K/V.
+
+Layout::
+
+    magic (8 bytes) | u32 header length | u32 crc32 of header | header (JSON) | payload
+
+The payload holds, for each layer in order, K then V of the chunk's tokens, each
+``[tokens, kv_heads, head_dim]`` in the model dtype. Layer ``l`` starts at
+``payload_offset + l * layer_bytes`` so one layer can be read (and checked, each
+layer has its own crc32) without reading the rest.
+
+Files are written under a temporary name, fsynced, then renamed by the caller;
+a crash leaves either the old file, the new file, or a temporary file that the
+directory scan removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"STRATAKV"
+FORMAT_VERSION = 1
+SUFFIX = ".kvc"
+TEMP_MARK = ".tmp"
+_PREFIX = struct.Struct("<8sII")
+
+
+class ChunkError(Exception):
+    """A chunk file that must not be served; ``reason`` says why (for counters)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """What every chunk of this store must agree with."""
+
+    fingerprint: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def layer_bytes(self, tokens: int) -> int:
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * tokens * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    fingerprint: str
+    session_key: str
+    chunk_index: int
+    start: int
+    token_ids: list[int]
+    prefix_hash: str  # hash of the session's tokens [0, end): chunks of one history chain together
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    layer_crc: list[int]
+    version: int = FORMAT_VERSION
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+    def encode(self) -> bytes:
+        body = json.dumps(asdict(self), separators=(",", ":")).encode()
+        return _PREFIX.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def prefix_hash(token_ids: list[int]) -> str:
+    return hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def layer_payloads(kv: torch.Tensor) -> list[bytes]:
+    """kv: [layers, 2, tokens, kv_heads, head_dim] -> one contiguous byte string per layer."""
+    return [kv[layer].contiguous().view(torch.uint8).numpy().tobytes() for layer in range(kv.shape[0])]
+
+
+def write_temp(tmp_path: Path, header_without_crc: ChunkHeader, kv: torch.Tensor) -> int:
+    """Write header + payload to ``tmp_path`` and fsync it; returns the file size."""
+    layers = layer_payloads(kv)
+    header = ChunkHeader(**{**asdict(header_without_crc), "layer_crc": [zlib.crc32(b) for b in layers]})
+    head = header.encode()
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(head)
+            for b in layers:
+                f.write(b)
+            f.flush()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(head) + sum(len(b) for b in layers)
+
+
+def commit(tmp_path: Path, final_path: Path) -> None:
+    """Atomically publish a fsynced temporary file (rename), then persist the directory entry."""
+    os.replace(tmp_path, final_path)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_header(fd: int, layout: ChunkLayout, file_size: int) -> tuple[ChunkHeader, int]:
+    """Parse and check the header of an open chunk file; returns it and the payload offset."""
+    raw = os.pread(fd, _PREFIX.size, 0)
+    if len(raw) < _PREFIX.size:
+        raise ChunkError("truncated", "no header")
+    magic, length, crc = _PREFIX.unpack(raw)
+    if magic != MAGIC:
+        raise ChunkError("format", "bad magic")
+    body = os.pread(fd, length, _PREFIX.size)
+    if len(body) < length:
+        raise ChunkError("truncated", "short header")
+    if zlib.crc32(body) != crc:
+        raise ChunkError("checksum", "header")
+    try:
+        header = ChunkHeader(**json.loads(body))
+    except (ValueError, TypeError) as e:
+        raise ChunkError("format", str(e)) from e
+    if header.version != FORMAT_VERSION:
+        raise ChunkError("format", f"version {header.version}")
+    if header.fingerprint != layout.fingerprint:
+        raise ChunkError("fingerprint", header.fingerprint)
+    shape = (header.num_layers, header.num_kv_heads, header.head_dim, header.dtype)
+    if shape != (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype_name):
+        raise ChunkError("fingerprint", f"shape {shape}")
+    if header.num_tokens < 1 or len(header.layer_crc) != header.num_layers:
+        raise ChunkError("format", "empty chunk")
+    offset = _PREFIX.size + length
+    if file_size != offset + header.num_layers * layout.layer_bytes(header.num_tokens):
+        raise ChunkError("truncated", f"size {file_size}")
+    return header, offset
+
+
+def read_layer(fd: int, header: ChunkHeader, offset: int, layout: ChunkLayout, layer: int) -> torch.Tensor:
+    """One layer of a chunk, checked against its crc: [2, tokens, kv_heads, head_dim]."""
+    size = layout.layer_bytes(header.num_tokens)
+    raw = os.pread(fd, size, offset + layer * size)
+    if len(raw) != size:
+        raise ChunkError("truncated", f"layer {layer}")
+    if zlib.crc32(raw) != header.layer_crc[layer]:
+        raise ChunkError("checksum", f"layer {layer}")
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return flat.view(layout.dtype).view(2, header.num_tokens, layout.num_kv_heads, layout.head_dim)
+
+
+def validate_file(path: Path, layout: ChunkLayout) -> ChunkHeader:
+    """Full check of a chunk file (header and every layer's checksum)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header, offset = read_header(fd, layout, os.fstat(fd).st_size)
+        for layer in range(header.num_layers):
+            read_layer(fd, header, offset, layout, layer)
+        return header
+    finally:
+        os.close(fd)

@@ -1,0 +1,81 @@
+"""A layer-by-layer load in flight: the loader marks layers ready, the runner waits for them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class KVLoadError(RuntimeError):
+    """The load could not complete (corrupt chunk, session gone, cancelled): recompute instead."""
+
+
+class LoadHandle:
+    def __init__(self, session_key: str, num_tokens: int, num_layers: int, readahead_layers: int) -> None:
+        self.session_key = session_key
+        self.num_tokens = num_tokens
+        self.num_layers = num_layers
+        self._readahead = max(1, readahead_layers)
+        self._cond = threading.Condition()
+        self._ready = 0  # layers [0, ready) are in the device blocks
+        self._consumed = -1  # highest layer the runner asked for
+        self._error: Exception | None = None
+        self._cancelled = False
+        self.stalled_s = 0.0
+
+    @property
+    def ready_layers(self) -> int:
+        with self._cond:
+            return self._ready
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._ready == self.num_layers or self._error is not None or self._cancelled
+
+    def cancel(self) -> None:
+        """Stop the load (the request went away); the loader moves on to the next one."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    # loader side
+
+    def wait_room(self, layer: int) -> bool:
+        """Bounded read-ahead: the loader may run at most ``readahead_layers`` ahead of the runner."""
+        with self._cond:
+            while not self._cancelled and layer - self._consumed > self._readahead:
+                self._cond.wait()
+            return not self._cancelled
+
+    def mark_ready(self, layer: int) -> None:
+        with self._cond:
+            self._ready = layer + 1
+            self._cond.notify_all()
+
+    def fail(self, error: Exception) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    # runner side
+
+    def wait(self, layer: int, timeout: float | None) -> float:
+        """Block until ``layer`` is in; returns the seconds spent blocked."""
+        t0 = time.perf_counter()
+        deadline = None if timeout is None else t0 + timeout
+        with self._cond:
+            self._consumed = max(self._consumed, layer)
+            self._cond.notify_all()
+            while self._ready <= layer:
+                if self._error is not None:
+                    raise KVLoadError(str(self._error)) from self._error
+                if self._cancelled:
+                    raise KVLoadError("load cancelled")
+                left = None if deadline is None else deadline - time.perf_counter()
+                if left is not None and left <= 0:
+                    raise KVLoadError(f"layer {layer} did not arrive in {timeout} s")
+                self._cond.wait(left)
+        stalled = time.perf_counter() - t0
+        self.stalled_s += stalled
+        return stalled
