@@ -397,6 +397,7 @@ class KVStore:
             lcp = common_prefix(entry.tokens, prompt)
             if lcp < len(entry.tokens) and lcp < len(prompt):
                 self._cut_locked(entry, lcp)
+                self._queue_writeback_locked(key)
 
     def _apply_truncate(self, key: str, keep_head: int, drop_end: int) -> int:
         assert self.rope_inv_freq is not None

@@ -43,7 +43,10 @@ class Chunk:
 
     @property
     def dirty(self) -> bool:
-        return self.dram is not None and not self.on_ssd
+        """DRAM holds what the SSD file does not (also after a cut-back: the file is then rewritten
+        shorter, so a restart does not bring back the history the client edited away)."""
+        return self.dram is not None and (self.ssd is None or self.ssd.file_tokens != self.n
+                                          or self.ssd.valid_tokens < self.n)
 
     @property
     def dram_bytes(self) -> int:
