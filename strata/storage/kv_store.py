@@ -204,6 +204,7 @@ class KVStore:
             self._window = window
 
     def start_load(self, session_key: str, num_tokens: int, block_table: list[int]) -> LoadHandle:
+        self._check_open()
         pieces: list[_Piece] = []
         with self._lock:
             entry = self._entries.get(session_key)
@@ -239,6 +240,7 @@ class KVStore:
 
     def save(self, session_key: str, token_ids: list[int], block_table: list[int], start: int,
              end: int) -> None:
+        self._check_open()
         if end <= start:
             return
         slots = _slots(block_table, start, end, self.pool.block_size).to(self.pool.kv.device)
@@ -249,12 +251,14 @@ class KVStore:
         self._saves.put(lambda: self._apply_save(session_key, ids, start, kv))
 
     def finish(self, session_key: str, token_ids: list[int]) -> None:
+        self._check_open()
         ids = list(token_ids)
         self._saves.put(lambda: self._apply_finish(session_key, ids))
 
     def truncate(self, session_key: str, keep_head: int, drop_end: int) -> int:
         """Drop stored tokens [keep_head, drop_end) and re-rotate the later keys to their new
         positions; returns the tokens now stored. Blocks until done (after pending saves)."""
+        self._check_open()
         if self.rope_inv_freq is None:
             raise ValueError("truncate needs rope_inv_freq")
         done = threading.Event()
@@ -325,6 +329,8 @@ class KVStore:
 
     def flush(self) -> None:
         """Wait until every queued save and write-back is done."""
+        if self._closed:
+            return
         self._saves.join()
         self._io.join()
 
@@ -339,6 +345,10 @@ class KVStore:
             t.join(timeout=10)
 
     # ------------------------------------------------------------------ workers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the KV store is closed")
 
     def _worker(self, jobs: queue.Queue[Callable[[], None] | None], idle: Callable[[], None] | None) -> None:
         while True:
