@@ -323,3 +323,31 @@ def test_layer_wise_load(tmp_path, tier):
         store.wait_layer(h2, 3, timeout=10)
     assert torch.equal(load(store, pool, "t:a", 70), kv)
     store.close()
+
+
+def test_concurrent_turns_with_background_eviction(tmp_path):
+    """Many sessions, turns growing each time, saves racing with loads and write-backs under tight
+    budgets: every hit must load exactly the KV that was saved for those tokens."""
+    pool = make_pool(num_blocks=200)
+    store = make_store(pool, tmp_path, dram_bytes=5 * CHUNK_BYTES, ssd_bytes=14 * CHUNK_BYTES)
+    full = {f"t:{i}": torch.randn(L, 2, 160, H, D, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+    hits = 0
+    for turn in range(1, 6):
+        for key, kv in full.items():
+            n = 30 * turn + int(key[2:])
+            ids = toks(n, 1000 * int(key[2:]))
+            hit = store.lookup(key, ids)  # the previous turn's save may still be in flight
+            assert hit.tokens <= n - 30  # never more than the last turn stored
+            if hit.tokens:
+                hits += 1
+                assert torch.equal(load(store, pool, key, hit.tokens), kv[:, :, :hit.tokens])
+            bt = pool.allocate(pool.blocks_for(n))
+            slot_view(pool)[:, :, slots(bt, n)] = kv[:, :, :n]
+            store.save(key, ids, bt, hit.tokens, n)
+            store.finish(key, ids)
+            pool.free(bt)
+            st = store.stats()
+            assert st["occupancy_bytes_dram"] <= 5 * CHUNK_BYTES
+            assert st["occupancy_bytes_ssd"] <= 14 * CHUNK_BYTES
+    assert hits > 0
+    store.close()

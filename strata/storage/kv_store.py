@@ -48,6 +48,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class KVStore:
                 self._expire_locked(time.time())
 
         self._closed = False
+        self._handles: weakref.WeakSet[LoadHandle] = weakref.WeakSet()  # close() cancels loads in flight
         self._saves: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._io: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._loads: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -229,6 +231,7 @@ class KVStore:
             entry.active_loads += 1
             entry.last_used = time.time()
         handle = LoadHandle(session_key, num_tokens, self.num_layers, self._readahead)
+        self._handles.add(handle)
         slots = _slots(block_table, 0, num_tokens, self.pool.block_size).to(self.pool.kv.device)
         self._loads.put(lambda: self._run_load(handle, entry, pieces, slots))
         return handle
@@ -339,6 +342,8 @@ class KVStore:
             return
         self.flush()
         self._closed = True
+        for handle in list(self._handles):
+            handle.cancel()
         for q in (self._saves, self._io, self._loads):
             q.put(None)
         for t in self._threads:
