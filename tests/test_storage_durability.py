@@ -282,3 +282,20 @@ def test_sigkill_mid_save_serves_nothing_wrong(tmp_path, delay):
     assert served >= 1
     assert store.stats()["corrupt_chunks_discarded"] == 0  # a crash leaves no half-written chunk
     store.close()
+
+
+def test_bfloat16_restart_round_trip(tmp_path):
+    pool = BlockPool(L, H, D, BS, 32, torch.bfloat16)
+    kwargs = dict(model_fingerprint="m", dram_bytes=1 << 20, ssd_dir=tmp_path, ssd_bytes=1 << 22, chunk_tokens=CHUNK)
+    store = KVStore(pool, **kwargs)
+    bt = pool.allocate(pool.blocks_for(70))
+    kv = torch.randn(L, 2, 70, H, D).to(torch.bfloat16)
+    pool.kv.view(L, 2, -1, H, D)[:, :, slots(bt, 70)] = kv
+    store.save("t:a", list(range(70)), bt, 0, 70)
+    store.close()  # close flushes: the partial last chunk is written too
+    pool.kv.zero_()
+    store = KVStore(pool, **kwargs)
+    assert store.lookup("t:a", list(range(70))) == (70, "ssd")
+    store.wait_layer(store.start_load("t:a", 70, bt), L - 1, timeout=10)
+    assert torch.equal(pool.kv.view(L, 2, -1, H, D)[:, :, slots(bt, 70)], kv)
+    store.close()

@@ -38,6 +38,25 @@ Semantics the engine relies on:
 * Chunks are written back to SSD in the background once full, and the rest when the
   request ``finish``-es; DRAM eviction of a written chunk is then a drop.
 * Sessions survive a restart through the SSD tier; pins and the look-ahead window do not.
+  ``close`` writes back every chunk DRAM holds that the SSD lacks.
+* Eviction DRAM -> SSD picks chunks (tail first) of the victim session given by
+  :func:`eviction_order`; a chunk with no SSD copy is written first, or, if it cannot
+  be, dropped and the session cut back there. SSD eviction (budget full) removes a whole
+  session's files; TTL expiry removes a session idle for ``ttl_s`` from every tier.
+  Pinned sessions never leave SSD nor expire; in DRAM they go last.
+* Budgets count chunk tensors (DRAM, by capacity) and chunk files (SSD, reserved before
+  writing). Not counted: KV copies waiting in the save queue and tensors still held by a
+  load in flight after their chunk was dropped.
+
+``stats()`` keys (flat, for Prometheus): ``lookups_hit_dram``, ``lookups_hit_ssd``,
+``lookups_miss``, ``tokens_reused_{dram,ssd}`` (counted at ``start_load``),
+``bytes_loaded_{dram,ssd}``, ``bytes_saved_{dram,ssd}``, ``load_seconds`` (loader busy),
+``load_stall_seconds`` (runner blocked in ``wait_layer``), ``load_overlap_seconds``,
+``evictions_{dram,ssd}`` (DRAM: chunks, SSD: sessions), ``expirations``,
+``occupancy_bytes_{dram,ssd}``, ``capacity_bytes_{dram,ssd}``, ``sessions``,
+``prefetches_issued``, ``prefetches_used`` (chunks), ``corrupt_chunks_discarded``,
+``chunks_discarded_<reason>`` (checksum, fingerprint, truncated, format, stale, io),
+``temp_files_removed``, ``saves_dropped``, ``load_errors``.
 """
 
 from __future__ import annotations
@@ -340,6 +359,11 @@ class KVStore:
     def close(self) -> None:
         if self._closed:
             return
+        self.flush()
+        with self._lock:  # shutdown: whatever DRAM holds that the SSD lacks is written now
+            for key, entry in self._entries.items():
+                if any(c.dirty for c in entry.chunks):
+                    self._queue_writeback_locked(key)
         self.flush()
         self._closed = True
         for handle in list(self._handles):
