@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,3 +25,70 @@ class AttentionBatch:
     decode_rows: torch.Tensor  # [B] rows of single-token (decode) sequences
     decode_block_tables: torch.Tensor  # [B, max_blocks]
     decode_context_lens: torch.Tensor  # [B] context length including the new token
+
+    def select(self, rows: torch.Tensor) -> AttentionBatch:
+        """The same batch restricted to `rows` (sorted), renumbered 0..len(rows)-1.
+
+        Used when only some rows run a layer's attention (sublayer skipping): a prefill
+        slice must be kept or dropped whole, since its tokens attend to each other.
+        """
+        new_index = torch.full((self.slots.shape[0],), -1, dtype=torch.long)
+        new_index[rows] = torch.arange(rows.shape[0])
+        prefills = []
+        for p in self.prefills:
+            kept = new_index[p.start : p.end] >= 0
+            if bool(kept.any()) != bool(kept.all()):
+                raise ValueError(f"rows {p.start}..{p.end} of one prefill slice are partly skipped")
+            if kept.any():
+                start = int(new_index[p.start])
+                prefills.append(PrefillSlice(start, start + p.end - p.start, p.history, p.context_slots))
+        keep_decode = new_index[self.decode_rows] >= 0
+        return AttentionBatch(
+            slots=self.slots[rows],
+            prefills=prefills,
+            decode_rows=new_index[self.decode_rows[keep_decode]],
+            decode_block_tables=self.decode_block_tables[keep_decode],
+            decode_context_lens=self.decode_context_lens[keep_decode],
+        )
+
+
+@dataclass
+class LayerSkip:
+    """Which rows run the two sublayers of one layer; the other rows scale their residual stream.
+
+    `*_rows` None means every row runs the sublayer (the unmodified path). Otherwise it holds the
+    sorted rows that run it, and `*_scale` ([T]) the multiplier of each row's residual stream:
+    the skip scale for skipped rows and exactly 1 for running rows (x * 1 == x bit for bit).
+    """
+
+    attn_rows: torch.Tensor | None = None
+    attn_scale: torch.Tensor | None = None
+    ffn_rows: torch.Tensor | None = None
+    ffn_scale: torch.Tensor | None = None
+
+
+@dataclass
+class SublayerStats:
+    """IO statistics of one layer for the measured rows (NaN where the row skipped the sublayer).
+
+    With x the layer input, a = x + Attn(norm x) and b = a + FFN(norm a):
+    sim_attn = cos(x, a), scale_attn = |a| / |x|, sim_ffn = cos(a, b), scale_ffn = |b| / |a|.
+    """
+
+    sim_attn: torch.Tensor
+    scale_attn: torch.Tensor
+    sim_ffn: torch.Tensor
+    scale_ffn: torch.Tensor
+
+
+@dataclass
+class SkipPlan:
+    """Per-row sublayer skipping for one forward pass (see strata.engine.skip.plan to build one).
+
+    `layers` has one entry per model layer. When `measure_rows` is set, the forward appends one
+    SublayerStats per layer to `stats` for those rows (calibration and AdaSkip's online step).
+    """
+
+    layers: list[LayerSkip]
+    measure_rows: torch.Tensor | None = None
+    stats: list[SublayerStats] = field(default_factory=list)

@@ -2,7 +2,9 @@
 
 Tokens of all sequences in a step are flattened into one [T, hidden] batch:
 projections and MLPs run once on all rows, attention runs per prefill slice
-and once, batched, for all decode rows.
+and once, batched, for all decode rows. An optional SkipPlan (AdaSkip) lets
+some rows skip a layer's attention or FFN sublayer: those rows only scale
+their residual stream, and a skipped attention computes and stores no K/V.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from strata.engine.models.attention_batch import AttentionBatch
+from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, SkipPlan, SublayerStats
 from strata.engine.models.config import ModelConfig
 from strata.kernels.paged_attention import (
     gather_kv,
@@ -78,11 +80,17 @@ class LlamaModel:
         positions: torch.Tensor,
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
+        skip: SkipPlan | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, d]."""
+        """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, d].
+
+        `skip` None runs every sublayer on every row (the plain path below, untouched).
+        """
         cfg = self.cfg
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos_sin[positions].unbind(1)
+        if skip is not None:
+            return self._forward_skipping(x, cos, sin, batch, kv_cache, skip)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             x = x + self._attention(h, layer, cos, sin, batch, kv_cache[i, 0], kv_cache[i, 1])
@@ -90,6 +98,75 @@ class LlamaModel:
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down)
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def _forward_skipping(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+        kv_cache: torch.Tensor,
+        skip: SkipPlan,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        sub_batches: dict[int, AttentionBatch] = {}  # plans share row tensors across layers
+        for i, layer in enumerate(self.layers):
+            ls = skip.layers[i]
+            x_in = x
+            if ls.attn_rows is None:
+                h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+                x = x + self._attention(h, layer, cos, sin, batch, kv_cache[i, 0], kv_cache[i, 1])
+            else:
+                assert ls.attn_scale is not None
+                rows = ls.attn_rows
+                x = x * ls.attn_scale.unsqueeze(1)
+                if rows.numel():
+                    if id(rows) not in sub_batches:
+                        sub_batches[id(rows)] = batch.select(rows)
+                    xr = x_in[rows]
+                    h = rms_norm(xr, layer.attn_norm, cfg.rms_norm_eps)
+                    x[rows] = xr + self._attention(
+                        h, layer, cos[rows], sin[rows], sub_batches[id(rows)], kv_cache[i, 0], kv_cache[i, 1]
+                    )
+            a = x
+            if ls.ffn_rows is None:
+                x = x + self._mlp(rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), layer)
+            else:
+                assert ls.ffn_scale is not None
+                rows = ls.ffn_rows
+                x = x * ls.ffn_scale.unsqueeze(1)
+                if rows.numel():
+                    ar = a[rows]
+                    x[rows] = ar + self._mlp(rms_norm(ar, layer.mlp_norm, cfg.rms_norm_eps), layer)
+            if skip.measure_rows is not None:
+                skip.stats.append(self._io_stats(x_in, a, x, ls, skip.measure_rows))
+        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    @staticmethod
+    def _mlp(h: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
+        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.down)
+
+    @staticmethod
+    def _io_stats(
+        x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ls: LayerSkip, rows: torch.Tensor
+    ) -> SublayerStats:
+        """Per-row cosine and norm ratio across each sublayer, in float32; NaN for skipped rows."""
+        x, a, b = x[rows].float(), a[rows].float(), b[rows].float()
+        nx, na, nb = x.norm(dim=-1), a.norm(dim=-1), b.norm(dim=-1)
+        stats = SublayerStats(
+            sim_attn=(x * a).sum(-1) / (nx * na),
+            scale_attn=na / nx,
+            sim_ffn=(a * b).sum(-1) / (na * nb),
+            scale_ffn=nb / na,
+        )
+        for run, sim, scale in ((ls.attn_rows, stats.sim_attn, stats.scale_attn),
+                                (ls.ffn_rows, stats.sim_ffn, stats.scale_ffn)):
+            if run is not None:
+                skipped = ~torch.isin(rows, run)
+                sim[skipped] = float("nan")
+                scale[skipped] = float("nan")
+        return stats
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
