@@ -38,8 +38,8 @@ def unified_sublayers(num_layers: int, budget: int) -> list[tuple[int, Kind]]:
     n = -(-budget // 2)  # layers touched
     if n == 0:
         return []
-    stride = num_layers / n
-    layers = sorted({max(1, int((j + 1) * stride) - 1) for j in range(n)})
+    # Evenly spaced from the last layer down, stride (L-1)/n >= 1: distinct and never layer 0.
+    layers = sorted(num_layers - 1 - (j * (num_layers - 1)) // n for j in range(n))
     return _whole_layers(layers, budget)
 
 
