@@ -41,10 +41,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from strata.engine.config import EngineConfig
     from strata.server.app import build_app
+    from strata.server.http_server import run_http
     from strata.server.state import ServerSettings
 
     settings = ServerSettings(
@@ -59,9 +58,7 @@ def serve(args: argparse.Namespace) -> None:
         shutdown_timeout=args.shutdown_timeout,
     )
     app = build_app(settings)
-    # uvicorn handles SIGTERM: stop accepting, let in-flight requests finish, then the app's shutdown.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(args.shutdown_timeout))
+    run_http(app, args.host, args.port, args.log_level, args.shutdown_timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

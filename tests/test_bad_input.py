@@ -1,0 +1,120 @@
+"""Bad input gets the right 4xx with the OpenAI error body, and the server stays healthy."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+LONG = "word " * 9000
+
+CHAT_CASES = [
+    # (name, body, expected status, expected param or None)
+    ("missing messages", {}, 400, "messages"),
+    ("empty messages", {"messages": []}, 400, "messages"),
+    ("messages not a list", {"messages": "hi"}, 400, "messages"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ("content wrong type", {"messages": [{"role": "user", "content": 5}]}, 400, None),
+    ("message not an object", {"messages": ["hi"]}, 400, None),
+    ("negative max_tokens", {"max_tokens": -1}, 400, "max_tokens"),
+    ("zero max_tokens", {"max_tokens": 0}, 400, "max_tokens"),
+    ("huge max_tokens", {"max_tokens": 10**9}, 400, "max_tokens"),
+    ("max_tokens wrong type", {"max_tokens": "many"}, 400, "max_tokens"),
+    ("temperature too high", {"temperature": 3.5}, 400, "temperature"),
+    ("temperature negative", {"temperature": -0.1}, 400, "temperature"),
+    ("top_p zero", {"top_p": 0}, 400, "top_p"),
+    ("n zero", {"n": 0}, 400, "n"),
+    ("n too large", {"n": 1000}, 400, "n"),
+    ("presence_penalty out of range", {"presence_penalty": 5}, 400, "presence_penalty"),
+    ("top_logprobs out of range", {"logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    ("top_logprobs without logprobs", {"top_logprobs": 2}, 400, None),
+    ("logit_bias bad key", {"logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("logit_bias out of vocab", {"logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("stop wrong type", {"stop": 5}, 400, "stop"),
+    ("stream wrong type", {"stream": "yes please"}, 400, "stream"),
+    ("tools unsupported", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("json_schema unsupported", {"response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://x"}}]}]}, 400, None),
+    ("too-long prompt", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("unknown model", {"model": "gpt-9"}, 404, "model"),
+]
+
+
+def _post(server, path: str, **kw) -> httpx.Response:
+    return httpx.post(server.base_url + path, timeout=60, **kw)
+
+
+def _assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] is not None and err["param"].startswith(param), err
+    return err
+
+
+@pytest.mark.parametrize("name,patch,status,param", CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def test_chat_bad_input(server, model_name, name, patch, status, param):
+    body = {"model": model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4} | patch
+    if name == "missing messages":
+        body.pop("messages")
+    _assert_error(_post(server, "/v1/chat/completions", json=body), status, param)
+
+
+def test_too_long_prompt_says_limit_and_count(server, model_name):
+    r = _post(server, "/v1/chat/completions", json={"model": model_name, "messages": [
+        {"role": "user", "content": LONG}]})
+    err = _assert_error(r, 400)
+    assert err["code"] == "context_length_exceeded"
+    assert "8192" in err["message"] and "9" in err["message"]
+
+
+def test_malformed_json(server):
+    err = _assert_error(_post(server, "/v1/chat/completions", content=b'{"model": ', headers={
+        "content-type": "application/json"}), 400)
+    assert "JSON" in err["message"]
+
+
+def test_json_not_an_object(server):
+    _assert_error(_post(server, "/v1/chat/completions", json=[1, 2, 3]), 400)
+
+
+def test_wrong_content_type(server, model_name):
+    _assert_error(_post(server, "/v1/chat/completions", content=b"model=x", headers={
+        "content-type": "application/x-www-form-urlencoded"}), 415)
+
+
+def test_oversize_body(server, model_name):
+    big = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (9 * 2**20) + b'"}]}'
+    _assert_error(_post(server, "/v1/chat/completions", content=big, headers={"content-type": "application/json"}),
+                  413)
+
+
+def test_completions_bad_input(server, model_name):
+    cases = [
+        ({"prompt": ""}, 400), ({"prompt": []}, 400), ({"prompt": [10**8]}, 400), ({"prompt": 5}, 400),
+        ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "suffix": "y"}, 400),
+        ({"prompt": "x", "logprobs": 9}, 400), ({}, 400),
+    ]
+    for patch, status in cases:
+        _assert_error(_post(server, "/v1/completions", json={"model": model_name, "max_tokens": 2} | patch), status)
+
+
+def test_unknown_route_and_method(server):
+    _assert_error(httpx.get(server.base_url + "/v1/nothing-here"), 404)
+    _assert_error(httpx.get(server.base_url + "/v1/chat/completions"), 405)
+    _assert_error(httpx.get(server.base_url + "/v1/models/gpt-9"), 404)
+
+
+def test_detokenize_out_of_vocab(server):
+    _assert_error(_post(server, "/detokenize", json={"tokens": [10**9]}), 400, "tokens")
+    _assert_error(_post(server, "/tokenize", json={}), 400)
+
+
+def test_server_stays_healthy_after_bad_input(server, client, model_name):
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Say hi."}],
+                                       max_tokens=5, temperature=0)
+    assert r.choices[0].message.content
