@@ -23,14 +23,14 @@ serve: $(STAMP)
 	$(PY) -m strata serve $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m ruff check strata tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check strata tests benchmarks
+	$(PY) -m ruff check .
 
 bench: bench-engine
 

@@ -53,7 +53,7 @@ def test_batch_chunking_and_preemption_do_not_change_greedy_output(engine):
     squeezed = run(small, [Request(f"q{i}", p, greedy(40, ignore_eos=True)) for i, p in enumerate(pair)])
     assert small.stats.preemptions > 0
     assert {k: v[0] for k, v in squeezed.items()} == ref
-    assert small.pool.num_used == 0
+    assert small.blocks_in_use == 0
 
 
 def test_seed_reproducible_and_sampling_varies(engine):
@@ -121,7 +121,7 @@ def test_abort_frees_blocks(engine):
     ids = engine.tokenizer.encode_chat(CHAT)
     engine.add_request(Request("x", ids, greedy(100, ignore_eos=True)))
     engine.step()
-    assert engine.pool.num_used > 0
+    assert engine.blocks_in_use > 0
     out = engine.abort("x")
     assert out is not None and out.finish_reason == "abort"
-    assert engine.pool.num_used == 0 and not engine.has_work()
+    assert engine.blocks_in_use == 0 and not engine.has_work()

@@ -126,4 +126,5 @@ class AsyncEngine:
                 self._deliver(out)
         for out in self.engine.fail_all("the server is shutting down"):
             self._deliver(out)
+        self.engine.close()
         self.alive = False

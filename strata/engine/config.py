@@ -16,3 +16,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
     max_queue: int = 1024  # waiting requests beyond this are refused (503)
     seed: int = 0
+    # Session KV tiers (CachedAttention). HBM is the block pool above.
+    session_cache: bool = True
+    dram_kv_gb: float = 1.0
+    ssd_dir: str | None = None  # None: no SSD tier
+    ssd_kv_gb: float = 8.0
+    eviction_policy: str = "scheduler"  # or "lru"
+    session_ttl_s: float = 3600.0
+    kv_chunk_tokens: int = 256

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from strata.engine.config import EngineConfig
-from strata.engine.model_runner import ModelRunner
+from strata.engine.kv_reuse import KVReuse
+from strata.engine.model_runner import LoadFailed, ModelRunner
 from strata.engine.models.llama import LlamaModel
 from strata.engine.output_text import OutputText
 from strata.engine.request import Request, RequestOutput
@@ -19,6 +21,8 @@ from strata.engine.stats import EngineStats
 from strata.engine.tokenizer import Tokenizer
 from strata.engine.weights.model_files import ModelFiles, resolve_model
 from strata.storage.block_pool import BlockPool
+from strata.storage.device_cache import DeviceCache
+from strata.storage.kv_store import KVStore
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,10 @@ class LLMEngine:
                                               config.block_size, dtype)
         self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
                               int(config.kv_cache_gb * 2**30) // per_block, dtype)
-        self.scheduler = Scheduler(config, self.pool)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.store = self._open_store(config) if config.session_cache else None
+        self.reuse = KVReuse(DeviceCache(self.pool), self.store)
+        self.scheduler = Scheduler(config, self.pool, self.reuse)
+        self.runner = ModelRunner(self.model, self.pool, self.store)
         self.stats = EngineStats()
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -56,6 +62,27 @@ class LLMEngine:
         log.info("model %s loaded in %.1fs: %d layers, KV cache %d blocks of %d tokens (%.2f GiB)",
                  self.files.name, time.monotonic() - t0, cfg.num_hidden_layers, self.pool.num_blocks,
                  config.block_size, self.pool.num_blocks * per_block / 2**30)
+
+    def _open_store(self, config: EngineConfig) -> KVStore:
+        ssd = Path(config.ssd_dir) if config.ssd_dir else None
+        if ssd is not None:
+            ssd.mkdir(parents=True, exist_ok=True)
+        return KVStore(
+            self.pool,
+            model_fingerprint=self.files.fingerprint,
+            dram_bytes=int(config.dram_kv_gb * 2**30),
+            ssd_dir=ssd,
+            ssd_bytes=int(config.ssd_kv_gb * 2**30),
+            policy=config.eviction_policy,
+            ttl_s=config.session_ttl_s,
+            chunk_tokens=config.kv_chunk_tokens,
+            rope_inv_freq=self.model.inv_freq,
+        )
+
+    def close(self) -> None:
+        """Write back what the tiers hold (the SSD tier outlives the process)."""
+        if self.store is not None:
+            self.store.close()
 
     @property
     def context_limit(self) -> int:
@@ -92,6 +119,11 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     @property
+    def blocks_in_use(self) -> int:
+        """Blocks held by queued or running sequences (the rest are free or cache finished sessions)."""
+        return self.pool.num_used - self.reuse.cache.num_blocks
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -107,8 +139,15 @@ class LLMEngine:
         for seq, n in batch.items:
             if seq.num_computed < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed)
-        seqs, logits = self.runner.run(batch)
+        try:
+            seqs, logits = self.runner.run(batch)
+        except LoadFailed as e:
+            log.warning("history KV of %s did not arrive (%s): recomputing it", e.seq.request_id, e)
+            self.reuse.load_failed(e.seq)
+            return []
         self.stats.steps += 1
+        for seq, n in batch.items:
+            self.reuse.saved(seq, seq.num_computed - n, seq.num_computed)
         outputs = []
         for i, seq in enumerate(seqs):
             outputs.append(self._append_token(seq, logits[i]))
@@ -133,7 +172,7 @@ class LLMEngine:
         self.stats.generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-            self.stats.ttft.observe(seq.first_token_time - seq.arrival_time)
+            self.stats.observe_ttft(seq.first_token_time - seq.arrival_time, seq.cache_tier)
         seq.pending_token_ids.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
@@ -158,6 +197,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            cache_tier=seq.cache_tier,
             finished=final,
             finish_reason=seq.finish_reason if final else None,
         )
@@ -165,7 +205,7 @@ class LLMEngine:
         return out
 
     def _finish(self, seq: Sequence) -> RequestOutput:
-        self.scheduler.remove(seq)
+        self.scheduler.remove(seq, keep_blocks=seq.finish_reason != "error")
         seq.status = SequenceStatus.FINISHED
         self._seqs.pop(seq.request_id, None)
         self.stats.finished[seq.finish_reason or "stop"] += 1

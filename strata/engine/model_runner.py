@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from strata.engine.models.attention_batch import AttentionBatch, PrefillSlice
@@ -9,12 +11,38 @@ from strata.engine.models.llama import LlamaModel
 from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
 from strata.storage.block_pool import BlockPool
+from strata.storage.kv_store import KVStore
+from strata.storage.load_handle import KVLoadError
+
+
+class LoadFailed(RuntimeError):
+    """History KV of `seq` never arrived; the step computed nothing."""
+
+    def __init__(self, seq: Sequence, cause: KVLoadError) -> None:
+        super().__init__(str(cause))
+        self.seq = seq
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: BlockPool) -> None:
+    def __init__(self, model: LlamaModel, pool: BlockPool, store: KVStore | None) -> None:
         self.model = model
         self.pool = pool
+        self.store = store
+
+    def _wait_for_loads(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        loading = [seq for seq, _ in batch.items if seq.load is not None]
+        if not loading or self.store is None:
+            return None
+        store = self.store
+
+        def wait(layer: int) -> None:
+            for seq in loading:
+                try:
+                    store.wait_layer(seq.load, layer)
+                except KVLoadError as e:
+                    raise LoadFailed(seq, e) from e
+
+        return wait
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         bs = self.pool.block_size
@@ -60,10 +88,12 @@ class ModelRunner:
             decode_context_lens=torch.tensor([s.num_computed + 1 for s in decode_seqs], dtype=torch.long),
         )
         hidden = self.model.forward(
-            torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), attn, self.pool.kv
+            torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), attn, self.pool.kv,
+            before_layer=self._wait_for_loads(batch),
         )
         # Logits only for the positions that are sampled from.
         logits = self.model.logits(hidden[torch.tensor(sample_rows, dtype=torch.long)])
         for seq, n in batch.items:
             seq.num_computed += n
+            seq.load = None  # every layer has arrived
         return sampling, logits

@@ -32,6 +32,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int = 0
+    cache_tier: str | None = None  # hbm, dram or ssd when tokens were reused
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None

@@ -3,8 +3,11 @@
 One token budget per step covers decodes (one token each) and prefill chunks,
 so a long prompt is cut into chunks and never stalls the running decodes for
 long. Running sequences go first; waiting ones are admitted while the budget,
-`max_num_seqs` and free KV blocks allow. When blocks run out, the most recently
-admitted sequence is preempted: its blocks are freed and it is recomputed later.
+`max_num_seqs` and free KV blocks allow. An admitted sequence first takes over
+whatever history KV can be reused (see kv_reuse). Blocks are found by dropping
+cached sessions (least recently used first, queued sessions last) and, when none
+are left, by preempting the most recently admitted sequence: its blocks are cached
+and it is recomputed later from what remains of them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from strata.engine.config import EngineConfig
+from strata.engine.kv_reuse import KVReuse
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.storage.block_pool import BlockPool
 
@@ -28,12 +32,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
+    def __init__(self, config: EngineConfig, pool: BlockPool, reuse: KVReuse) -> None:
         self.config = config
         self.pool = pool
+        self.reuse = reuse
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -41,32 +45,33 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks."""
+    def remove(self, seq: Sequence, keep_blocks: bool) -> None:
+        """Drop a finished or aborted sequence; its blocks stay cached if `keep_blocks`."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self.reuse.release(seq, keep_blocks)
+
+    def _protected(self) -> set[str]:
+        return {k for s in self.waiting if (k := self.reuse.cache_key(s))}
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.pool.blocks_for(num_tokens) - len(seq.block_table)
         if need <= 0:
             return True
-        if need > self.pool.num_free:
+        if need > self.pool.num_free and not self.reuse.cache.evict(need, self._protected()):
             return False
         seq.block_table.extend(self.pool.allocate(need))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self.reuse.release(seq, keep=True)
         seq.num_computed = 0
+        seq.acquired = False  # on readmission it takes its cached blocks back
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
@@ -91,6 +96,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.acquired:
+                self.reuse.acquire(seq)
+                seq.acquired = True
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow(seq, seq.num_computed + n):
                 break
@@ -99,4 +107,5 @@ class Scheduler:
             self.running.append(seq)
             items.append((seq, n))
             budget -= n
+        self.reuse.upcoming(list(self.waiting))
         return ScheduledBatch(items, preempted)

@@ -9,6 +9,7 @@ import torch
 
 from strata.engine.output_text import OutputText
 from strata.engine.request import Request, TokenLogprob
+from strata.storage.load_handle import LoadHandle
 
 
 class SequenceStatus(enum.Enum):
@@ -26,6 +27,9 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_ids)
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens reused instead of computed
+        self.cache_tier: str | None = None  # where the reused tokens came from: hbm, dram, ssd
+        self.load: LoadHandle | None = None  # a layer-wise load of history KV in flight
+        self.acquired = False  # reusable history looked up since (re)admission
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.output_text = output_text

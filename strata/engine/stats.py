@@ -34,3 +34,8 @@ class EngineStats:
     preemptions: int = 0
     steps: int = 0
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    ttft_by_tier: dict[str, Histogram] = field(default_factory=dict)  # "none" for misses
+
+    def observe_ttft(self, seconds: float, tier: str | None) -> None:
+        self.ttft.observe(seconds)
+        self.ttft_by_tier.setdefault(tier or "none", Histogram(TTFT_BUCKETS)).observe(seconds)

@@ -30,7 +30,9 @@ class EngineCollector:
         yield GaugeMetricFamily("strata_kv_blocks_total", "KV cache blocks in the device pool",
                                 value=e.pool.num_blocks)
         yield GaugeMetricFamily("strata_kv_blocks_used", "KV cache blocks held by sequences",
-                                value=e.pool.num_used)
+                                value=e.blocks_in_use)
+        yield GaugeMetricFamily("strata_kv_blocks_cached", "KV cache blocks caching finished sessions (HBM tier)",
+                                value=e.reuse.cache.num_blocks)
         finished = CounterMetricFamily("strata_requests_finished", "Finished engine requests by reason",
                                        labels=["reason"])
         for reason, n in sorted(s.finished.items()):

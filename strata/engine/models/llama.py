@@ -9,6 +9,7 @@ their residual stream, and a skipped attention computes and stores no K/V.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,17 +82,21 @@ class LlamaModel:
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
         skip: SkipPlan | None = None,
+        before_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, d].
 
         `skip` None runs every sublayer on every row (the plain path below, untouched).
+        `before_layer(i)` runs before layer i reads the cache: it waits for history KV still loading.
         """
         cfg = self.cfg
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos_sin[positions].unbind(1)
         if skip is not None:
-            return self._forward_skipping(x, cos, sin, batch, kv_cache, skip)
+            return self._forward_skipping(x, cos, sin, batch, kv_cache, skip, before_layer)
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(i)
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             x = x + self._attention(h, layer, cos, sin, batch, kv_cache[i, 0], kv_cache[i, 1])
             h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
@@ -107,10 +112,13 @@ class LlamaModel:
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
         skip: SkipPlan,
+        before_layer: Callable[[int], None] | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         sub_batches: dict[int, AttentionBatch] = {}  # plans share row tensors across layers
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(i)
             ls = skip.layers[i]
             x_in = x
             if ls.attn_rows is None:

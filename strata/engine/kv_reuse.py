@@ -1,0 +1,105 @@
+"""Where a request's history KV comes from, and where its new KV goes (CachedAttention, engine side).
+
+On admission a sequence takes over its session's cached device blocks (HBM hit) or, failing
+that, asks the tier store for the longest stored prefix (DRAM or SSD hit) and starts a
+layer-wise load into fresh blocks; the runner then waits per layer. After every step the
+KV of the newly computed tokens is handed to the store; when a request finishes its blocks
+stay cached under its session key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+
+from strata.engine.sequence import Sequence
+from strata.storage.device_cache import DeviceCache
+from strata.storage.kv_store import KVStore
+from strata.storage.load_handle import KVLoadError
+
+log = logging.getLogger(__name__)
+
+
+class KVReuse:
+    def __init__(self, cache: DeviceCache, store: KVStore | None) -> None:
+        self.cache = cache
+        self.store = store
+        self.hits: Counter[str] = Counter()  # by tier, "none" for misses
+        self.tokens_reused: Counter[str] = Counter()
+        self.load_failures = 0
+
+    def cache_key(self, seq: Sequence) -> str | None:
+        """The session key, or for requests without one a key from their first block of tokens."""
+        if seq.request.session_key:
+            return seq.request.session_key
+        bs = self.cache.pool.block_size
+        if seq.num_prompt_tokens <= bs:
+            return None
+        digest = hashlib.sha256(str(seq.token_ids[:bs]).encode()).hexdigest()[:24]
+        return f"prefix:{digest}"
+
+    def acquire(self, seq: Sequence) -> None:
+        """Give a newly admitted sequence its reusable history: sets block_table and num_computed."""
+        key = self.cache_key(seq)
+        seq.cache_tier = None
+        if key is None:
+            return
+        anonymous = not seq.request.session_key
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        n, blocks = self.cache.take(key, prompt, whole_blocks_only=anonymous)
+        if n:
+            seq.block_table, seq.num_computed, seq.cache_tier = blocks, n, "hbm"
+        elif self.store is not None and not anonymous:
+            hit = self.store.lookup(key, prompt)
+            n = min(hit.tokens, seq.num_prompt_tokens - 1)
+            need = self.cache.pool.blocks_for(n)
+            if n > 0 and (self.cache.pool.num_free >= need or self.cache.evict(need, {key})):
+                blocks = self.cache.pool.allocate(need)
+                try:
+                    seq.load = self.store.start_load(key, n, blocks)
+                except KVLoadError as e:
+                    log.warning("load of %s failed, recomputing: %s", key, e)
+                    self.cache.pool.free(blocks)
+                    self.load_failures += 1
+                else:
+                    seq.block_table, seq.num_computed, seq.cache_tier = blocks, n, hit.tier
+        seq.num_cached_tokens = seq.num_computed
+        self.hits[seq.cache_tier or "none"] += 1
+        self.tokens_reused[seq.cache_tier or "none"] += seq.num_computed
+
+    def load_failed(self, seq: Sequence) -> None:
+        """A layer never arrived: forget the loaded prefix and recompute it in the same blocks."""
+        self.load_failures += 1
+        if seq.load is not None:
+            seq.load.cancel()
+        seq.load = None
+        seq.num_computed = 0
+        seq.num_cached_tokens = 0
+        seq.cache_tier = None
+
+    def saved(self, seq: Sequence, start: int, end: int) -> None:
+        """The K/V of tokens [start, end) are now in the sequence's blocks."""
+        key = seq.request.session_key
+        if self.store is not None and key:
+            self.store.save(key, seq.token_ids, seq.block_table, start, end)
+
+    def release(self, seq: Sequence, keep: bool) -> None:
+        """The sequence is done: keep its blocks cached under its key (or free them)."""
+        if seq.load is not None:
+            seq.load.cancel()
+            seq.load = None
+            keep = False  # its history may be half loaded
+        key = self.cache_key(seq)
+        computed = seq.token_ids[: seq.num_computed]
+        if key is not None and keep and computed:
+            self.cache.put(key, computed, seq.block_table, whole_blocks_only=not seq.request.session_key)
+        else:
+            self.cache.pool.free(seq.block_table)
+        seq.block_table = []
+        if self.store is not None and seq.request.session_key and keep and computed:
+            self.store.finish(seq.request.session_key, computed)
+
+    def upcoming(self, waiting: list[Sequence]) -> None:
+        if self.store is not None:
+            self.store.hint_upcoming([s.request.session_key for s in waiting if s.request.session_key])
