@@ -28,6 +28,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="token budget of one engine step; longer prompts are prefilled in chunks")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests beyond this are refused with 503 and Retry-After")
+    p.add_argument("--no-session-cache", action="store_true",
+                   help="turn session KV reuse off: every turn recomputes its history")
+    p.add_argument("--dram-kv-gb", type=float, default=1.0, help="host-memory (DRAM) tier for session KV, in GiB")
+    p.add_argument("--ssd-dir", default=None,
+                   help="directory of the SSD tier (chunk files that survive restarts); unset: no SSD tier")
+    p.add_argument("--ssd-kv-gb", type=float, default=8.0, help="disk budget of the SSD tier, in GiB")
+    p.add_argument("--eviction-policy", choices=["scheduler", "lru"], default="scheduler",
+                   help="scheduler: prefetch and protect the sessions of queued requests; lru: plain LRU")
+    p.add_argument("--session-ttl", type=float, default=3600.0,
+                   help="seconds an idle session's KV is kept before it expires from every tier")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and KV cache dtype (float32 on CPU)")
     p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
@@ -50,7 +60,9 @@ def serve(args: argparse.Namespace) -> None:
         engine=EngineConfig(
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_queue=args.max_queue,
+            max_queue=args.max_queue, session_cache=not args.no_session_cache, dram_kv_gb=args.dram_kv_gb,
+            ssd_dir=args.ssd_dir, ssd_kv_gb=args.ssd_kv_gb, eviction_policy=args.eviction_policy,
+            session_ttl_s=args.session_ttl,
         ),
         served_model_name=args.served_model_name,
         api_key=args.api_key,

@@ -10,13 +10,14 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from strata.engine.llm_engine import LLMEngine, RequestRejected
 from strata.engine.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineOverloaded(RuntimeError):
@@ -81,6 +82,22 @@ class AsyncEngine:
         if self.engine.num_waiting >= self.engine.config.max_queue:
             raise EngineOverloaded("too many requests are waiting")
 
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread (which owns the engine) and return its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except Exception as e:
+                loop.call_soon_threadsafe(future.set_exception, e)
+            else:
+                loop.call_soon_threadsafe(future.set_result, result)
+
+        self._post("call", run)
+        return await future
+
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
@@ -109,6 +126,8 @@ class AsyncEngine:
                                                 finished=True, finish_reason="rejected", error=str(e)))
             elif kind == "abort":
                 self.engine.abort(item)
+            elif kind == "call":
+                item()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

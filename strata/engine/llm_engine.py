@@ -118,6 +118,29 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def session_info(self, key: str) -> dict | None:
+        """Where a session's KV is: tokens in HBM (cached blocks) and in the DRAM/SSD tiers."""
+        stored = self.store.info(key) if self.store is not None else None
+        hbm = self.reuse.cache.tokens(key)
+        if stored is None and not hbm:
+            return None
+        info = dict(stored or {"tokens": 0, "tier": None})
+        info["tokens_hbm"] = hbm
+        info["hbm_bytes"] = self.pool.blocks_for(hbm) * self.pool.bytes_per_token_block
+        if hbm:
+            info["tier"] = "hbm"
+        info["tokens"] = max(info["tokens"], hbm)
+        return info
+
+    def delete_session(self, key: str) -> bool:
+        dropped = self.reuse.cache.drop(key)
+        return (self.store.delete(key) if self.store is not None else False) or dropped
+
+    def list_sessions(self, prefix: str) -> list[str]:
+        keys = set(self.store.sessions()) if self.store is not None else set()
+        keys |= set(self.reuse.cache.keys())
+        return sorted(k for k in keys if k.startswith(prefix))
+
     @property
     def blocks_in_use(self) -> int:
         """Blocks held by queued or running sequences (the rest are free or cache finished sessions)."""

@@ -29,6 +29,7 @@ from strata.server.protocol import (
     TokenizeRequest,
 )
 from strata.server.session_key import tenant_of
+from strata.server.sessions import session_router
 from strata.server.state import ServerSettings, ServerState
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
         if any(t >= tok.vocab_size for t in body.tokens):
             raise bad_request(f"token ids must be below the vocabulary size {tok.vocab_size}", param="tokens")
         return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+
+    app.include_router(session_router(state))
 
     @app.get("/health")
     async def _health() -> Response:

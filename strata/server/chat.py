@@ -10,8 +10,9 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import Headers
 
+from strata.engine.request import RequestOutput
 from strata.engine.tokenizer import ChatTemplateError
-from strata.server.choices import admit, gather_choices, run_choices
+from strata.server.choices import admit, cache_headers, gather_choices, run_choices
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import chat_logprobs
 from strata.server.protocol import ChatCompletionRequest
@@ -66,8 +67,13 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(state, rid, created, prompts, params, key, include_usage, body.logprobs)
-        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        outputs = run_choices(engine, rid, prompts, params, key)
+        # Wait for the first token: errors before it are plain HTTP errors, and the headers can say
+        # how much history was reused.
+        first = await anext(outputs)
+        gen = _stream(state, rid, created, len(prompt), outputs, first, include_usage, body.logprobs, body.n)
+        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
 
     results = await gather_choices(engine, rid, prompts, params, key)
     choices = [
@@ -83,28 +89,34 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
         "choices": choices, "usage": usage, "system_fingerprint": None,
-    })
+    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier))
 
 
-async def _stream(state: ServerState, rid: str, created: int, prompts: list[list[int]], params: list,
-                  key: str | None, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
-    engine = state.ready_engine()
-    tok = engine.engine.tokenizer
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-            "system_fingerprint": None}
+async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int,
+                  outputs: AsyncIterator[tuple[int, RequestOutput]], first: tuple[int, RequestOutput],
+                  include_usage: bool, logprobs: bool, n: int) -> AsyncIterator[str]:
+    tok = state.ready_engine().engine.tokenizer
+    base: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                            "model": state.model_name, "system_fingerprint": None}
     if include_usage:
         base["usage"] = None
-    completion = [0] * len(prompts)
+    completion = [0] * n
     cached = 0
-    for i in range(len(prompts)):
+    for i in range(n):
         yield sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                        "logprobs": None, "finish_reason": None}]})
+
+    async def all_outputs() -> AsyncIterator[tuple[int, RequestOutput]]:
+        yield first
+        async for item in outputs:
+            yield item
+
     try:
-        async for i, out in run_choices(engine, rid, prompts, params, key):
+        async for i, out in all_outputs():
             if out.error is not None:
                 raise APIError(500, out.error, type="server_error", code="internal_error")
             completion[i] = out.num_output_tokens
-            cached = out.num_cached_tokens
+            cached = out.num_cached_tokens if i == 0 else cached
             if out.new_text or out.logprobs:
                 yield sse(base | {"choices": [{
                     "index": i, "delta": {"content": out.new_text},
@@ -118,6 +130,8 @@ async def _stream(state: ServerState, rid: str, created: int, prompts: list[list
         yield sse(e.body())
         yield SSE_DONE
         return
+    finally:
+        await outputs.aclose()  # a disconnect lands here: aborts every choice
     if include_usage:
-        yield sse(base | {"choices": [], "usage": _usage(len(prompts[0]), sum(completion), cached)})
+        yield sse(base | {"choices": [], "usage": _usage(prompt_tokens, sum(completion), cached)})
     yield SSE_DONE

@@ -24,6 +24,13 @@ class ChoiceResult:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    cache_tier: str | None = None
+
+
+def cache_headers(cached_tokens: int, tier: str | None, truncated: int = 0) -> dict[str, str]:
+    """Per-tier detail of a hit goes in headers, not in the OpenAI body."""
+    return {"X-Cached-Tokens": str(cached_tokens), "X-Cache-Tier": tier or "none",
+            "X-Truncated-Tokens": str(truncated)}
 
 
 def engine_error(e: Exception) -> APIError:
@@ -65,8 +72,9 @@ async def run_choices(
         finally:
             await queue.put((i, None))
 
+    # Only the first choice continues the session: one conversation has one history.
     tasks = [
-        asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key)))
+        asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key if i == 0 else None)))
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
     ]
     remaining = len(tasks)
@@ -103,6 +111,7 @@ async def gather_choices(
         r.num_prompt_tokens = out.num_prompt_tokens
         r.num_output_tokens = out.num_output_tokens
         r.num_cached_tokens = out.num_cached_tokens
+        r.cache_tier = out.cache_tier
         if out.finished:
             r.finish_reason = out.finish_reason
     return results

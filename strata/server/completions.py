@@ -10,9 +10,10 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import Headers
 
+from strata.engine.request import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import Tokenizer
-from strata.server.choices import admit, gather_choices, run_choices
+from strata.server.choices import admit, cache_headers, gather_choices, run_choices
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import completion_logprobs
 from strata.server.protocol import CompletionRequest
@@ -74,8 +75,11 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(state, rid, created, all_prompts, params, key, include_usage, echo, prompt_tokens)
-        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        outputs = run_choices(engine, rid, all_prompts, params, key)
+        first = await anext(outputs)  # errors before the first token are plain HTTP errors
+        gen = _stream(state, rid, created, outputs, first, params, include_usage, echo, prompt_tokens)
+        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
 
     results = await gather_choices(engine, rid, all_prompts, params, key)
     choices = [
@@ -93,7 +97,7 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
         "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
         "choices": choices, "usage": _usage(prompt_tokens, completion, results[0].num_cached_tokens),
         "system_fingerprint": None,
-    })
+    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier))
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
@@ -101,27 +105,32 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _stream(state: ServerState, rid: str, created: int, prompts: list[list[int]], params: list,
-                  key: str | None, include_usage: bool, echo: list[str], prompt_tokens: int
-                  ) -> AsyncIterator[str]:
-    engine = state.ready_engine()
-    tok = engine.engine.tokenizer
+async def _stream(state: ServerState, rid: str, created: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                  first: tuple[int, RequestOutput], params: list[SamplingParams], include_usage: bool,
+                  echo: list[str], prompt_tokens: int) -> AsyncIterator[str]:
+    tok = state.ready_engine().engine.tokenizer
     base: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
                             "model": state.model_name, "system_fingerprint": None}
     if include_usage:
         base["usage"] = None
-    completion = [0] * len(prompts)
+    completion = [0] * len(params)
     offsets = [len(e) for e in echo]
     cached = 0
     for i, e in enumerate(echo):
         if e:
             yield sse(base | {"choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": None}]})
+
+    async def all_outputs() -> AsyncIterator[tuple[int, RequestOutput]]:
+        yield first
+        async for item in outputs:
+            yield item
+
     try:
-        async for i, out in run_choices(engine, rid, prompts, params, key):
+        async for i, out in all_outputs():
             if out.error is not None:
                 raise APIError(500, out.error, type="server_error", code="internal_error")
             completion[i] = out.num_output_tokens
-            cached = out.num_cached_tokens
+            cached = out.num_cached_tokens if i == 0 else cached
             lp = completion_logprobs(tok, out.logprobs, offsets[i]) if params[i].logprobs else None
             offsets[i] += len(out.new_text)
             if out.new_text or out.logprobs or out.finished:
@@ -131,6 +140,8 @@ async def _stream(state: ServerState, rid: str, created: int, prompts: list[list
         yield sse(e.body())
         yield SSE_DONE
         return
+    finally:
+        await outputs.aclose()
     if include_usage:
         yield sse(base | {"choices": [], "usage": _usage(prompt_tokens, sum(completion), cached)})
     yield SSE_DONE

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from strata.engine.llm_engine import LLMEngine
+from strata.engine.stats import Histogram
 from strata.server.state import ServerState
 
 
@@ -42,13 +44,66 @@ class EngineCollector:
         yield CounterMetricFamily("strata_generation_tokens", "Tokens generated", value=s.generation_tokens)
         yield CounterMetricFamily("strata_preemptions", "Sequences preempted for KV blocks", value=s.preemptions)
         yield CounterMetricFamily("strata_engine_steps", "Engine steps run", value=s.steps)
-        h = s.ttft
-        cumulative, buckets = 0, []
-        for bound, count in zip([*map(str, h.buckets), "+Inf"], h.counts, strict=True):
-            cumulative += count
-            buckets.append((bound, cumulative))
-        yield HistogramMetricFamily("strata_time_to_first_token_seconds", "Time to first token",
-                                    buckets=buckets, sum_value=h.total)
+        ttft = HistogramMetricFamily("strata_time_to_first_token_seconds", "Time to first token by the tier "
+                                     "its history came from (none: computed)", labels=["tier"])
+        for tier, h in sorted(s.ttft_by_tier.items()):
+            ttft.add_metric([tier], _buckets(h), sum_value=h.total)
+        yield ttft
+        yield from _tier_metrics(e)
+
+
+def _buckets(h: Histogram) -> list[tuple[str, float]]:
+    cumulative, buckets = 0, []
+    for bound, count in zip([*map(str, h.buckets), "+Inf"], h.counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return buckets
+
+
+def _tier_metrics(e: LLMEngine) -> Iterator[Metric]:
+    """Per-tier session KV metrics (CachedAttention)."""
+    st = e.store.stats() if e.store is not None else {}
+    reuse = e.reuse
+    hits = CounterMetricFamily("strata_kv_hits", "Requests whose history was reused, by tier", labels=["tier"])
+    tokens = CounterMetricFamily("strata_kv_tokens_reused", "Prompt tokens reused instead of computed, by tier",
+                                 labels=["tier"])
+    for tier in ("hbm", "dram", "ssd"):
+        hits.add_metric([tier], reuse.hits[tier])
+        tokens.add_metric([tier], reuse.tokens_reused[tier])
+    yield hits
+    yield tokens
+    yield CounterMetricFamily("strata_kv_misses", "Requests that reused no history", value=reuse.hits["none"])
+    loaded = CounterMetricFamily("strata_kv_bytes_loaded", "Bytes loaded into device blocks, by tier", labels=["tier"])
+    saved = CounterMetricFamily("strata_kv_bytes_saved", "Bytes written to a tier", labels=["tier"])
+    evicted = CounterMetricFamily("strata_kv_evictions", "Evictions (HBM, DRAM: chunks; SSD: sessions)",
+                                  labels=["tier"])
+    occupancy = GaugeMetricFamily("strata_kv_occupancy_bytes", "Bytes of session KV held, by tier", labels=["tier"])
+    capacity = GaugeMetricFamily("strata_kv_capacity_bytes", "Capacity of each tier", labels=["tier"])
+    evicted.add_metric(["hbm"], reuse.cache.evicted_entries)
+    occupancy.add_metric(["hbm"], reuse.cache.num_blocks * e.pool.bytes_per_token_block)
+    capacity.add_metric(["hbm"], e.pool.num_blocks * e.pool.bytes_per_token_block)
+    for tier in ("dram", "ssd"):
+        loaded.add_metric([tier], st.get(f"bytes_loaded_{tier}", 0.0))
+        saved.add_metric([tier], st.get(f"bytes_saved_{tier}", 0.0))
+        evicted.add_metric([tier], st.get(f"evictions_{tier}", 0.0))
+        occupancy.add_metric([tier], st.get(f"occupancy_bytes_{tier}", 0.0))
+        capacity.add_metric([tier], st.get(f"capacity_bytes_{tier}", 0.0))
+    yield from (loaded, saved, evicted, occupancy, capacity)
+    load = CounterMetricFamily("strata_kv_load_seconds", "Time loading history KV: overlapped with compute "
+                               "or stalling the runner", labels=["kind"])
+    load.add_metric(["overlapped"], st.get("load_overlap_seconds", 0.0))
+    load.add_metric(["stalled"], st.get("load_stall_seconds", 0.0))
+    yield load
+    yield CounterMetricFamily("strata_kv_prefetches_issued", "SSD -> DRAM prefetches issued",
+                              value=st.get("prefetches_issued", 0.0))
+    yield CounterMetricFamily("strata_kv_prefetches_used", "Prefetched chunks later loaded",
+                              value=st.get("prefetches_used", 0.0))
+    yield CounterMetricFamily("strata_kv_corrupt_chunks_discarded", "Chunk files discarded (checksum, foreign "
+                              "model, truncated, ...)", value=st.get("corrupt_chunks_discarded", 0.0))
+    yield CounterMetricFamily("strata_kv_load_failures", "Loads that failed and were recomputed",
+                              value=reuse.load_failures)
+    yield GaugeMetricFamily("strata_kv_sessions", "Sessions stored in the DRAM/SSD tiers",
+                            value=st.get("sessions", 0.0))
 
 
 def metrics_text(state: ServerState) -> bytes:

@@ -26,6 +26,7 @@ class BlockPool:
         self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
                               device=device)
         self._free: deque[int] = deque(range(num_blocks))
+        self.bytes_per_token_block = self.kv[:, :, 0].numel() * self.kv.element_size()
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,

@@ -42,6 +42,13 @@ class DeviceCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def tokens(self, key: str) -> int:
+        entry = self._entries.get(key)
+        return len(entry.token_ids) if entry else 0
+
     def put(self, key: str, token_ids: list[int], block_table: list[int], whole_blocks_only: bool = False) -> None:
         """Keep a finished sequence's blocks; blocks past its tokens go back to the pool."""
         self.drop(key)
