@@ -12,7 +12,7 @@ from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
 from strata.engine.tokenizer import ChatTemplateError
-from strata.server.choices import admit, cache_headers, gather_choices, run_choices
+from strata.server.choices import admit, cache_headers, gather_choices, prepend, run_choices, usage
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import chat_logprobs
 from strata.server.protocol import ChatCompletionRequest
@@ -20,15 +20,6 @@ from strata.server.sampling import max_new_tokens, sampling_params
 from strata.server.session_key import session_key
 from strata.server.sse import SSE_DONE, sse
 from strata.server.state import ServerState
-
-
-def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
@@ -85,10 +76,10 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
         }
         for i, r in enumerate(results)
     ]
-    usage = _usage(len(prompt), sum(r.num_output_tokens for r in results), results[0].num_cached_tokens)
+    totals = usage(len(prompt), sum(r.num_output_tokens for r in results), results[0].num_cached_tokens)
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-        "choices": choices, "usage": usage, "system_fingerprint": None,
+        "choices": choices, "usage": totals, "system_fingerprint": None,
     }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier))
 
 
@@ -106,13 +97,8 @@ async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int
         yield sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                        "logprobs": None, "finish_reason": None}]})
 
-    async def all_outputs() -> AsyncIterator[tuple[int, RequestOutput]]:
-        yield first
-        async for item in outputs:
-            yield item
-
     try:
-        async for i, out in all_outputs():
+        async for i, out in prepend(first, outputs):
             if out.error is not None:
                 raise APIError(500, out.error, type="server_error", code="internal_error")
             completion[i] = out.num_output_tokens
@@ -133,5 +119,5 @@ async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int
     finally:
         await outputs.aclose()  # a disconnect lands here: aborts every choice
     if include_usage:
-        yield sse(base | {"choices": [], "usage": _usage(prompt_tokens, sum(completion), cached)})
+        yield sse(base | {"choices": [], "usage": usage(prompt_tokens, sum(completion), cached)})
     yield SSE_DONE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from strata.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from strata.engine.llm_engine import RequestRejected
@@ -25,6 +26,19 @@ class ChoiceResult:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     cache_tier: str | None = None
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def prepend(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]]
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The stream again, with its first item (awaited before the response started) in front."""
+    yield first
+    async for item in rest:
+        yield item
 
 
 def cache_headers(cached_tokens: int, tier: str | None, truncated: int = 0) -> dict[str, str]:

@@ -13,7 +13,7 @@ from starlette.datastructures import Headers
 from strata.engine.request import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import Tokenizer
-from strata.server.choices import admit, cache_headers, gather_choices, run_choices
+from strata.server.choices import admit, cache_headers, gather_choices, prepend, run_choices, usage
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import completion_logprobs
 from strata.server.protocol import CompletionRequest
@@ -95,14 +95,9 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
     completion = sum(r.num_output_tokens for r in results)
     return JSONResponse({
         "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-        "choices": choices, "usage": _usage(prompt_tokens, completion, results[0].num_cached_tokens),
+        "choices": choices, "usage": usage(prompt_tokens, completion, results[0].num_cached_tokens),
         "system_fingerprint": None,
     }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier))
-
-
-def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _stream(state: ServerState, rid: str, created: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
@@ -120,13 +115,8 @@ async def _stream(state: ServerState, rid: str, created: int, outputs: AsyncIter
         if e:
             yield sse(base | {"choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": None}]})
 
-    async def all_outputs() -> AsyncIterator[tuple[int, RequestOutput]]:
-        yield first
-        async for item in outputs:
-            yield item
-
     try:
-        async for i, out in all_outputs():
+        async for i, out in prepend(first, outputs):
             if out.error is not None:
                 raise APIError(500, out.error, type="server_error", code="internal_error")
             completion[i] = out.num_output_tokens
@@ -143,5 +133,5 @@ async def _stream(state: ServerState, rid: str, created: int, outputs: AsyncIter
     finally:
         await outputs.aclose()
     if include_usage:
-        yield sse(base | {"choices": [], "usage": _usage(prompt_tokens, sum(completion), cached)})
+        yield sse(base | {"choices": [], "usage": usage(prompt_tokens, sum(completion), cached)})
     yield SSE_DONE
