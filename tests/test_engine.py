@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from strata.engine.config import EngineConfig
@@ -37,6 +38,7 @@ def test_greedy_matches_transformers(engine, hf_model):
     assert len(got) >= 32
 
 
+@pytest.mark.slow
 def test_batch_chunking_and_preemption_do_not_change_greedy_output(engine):
     prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     alone = {f"r{i}": run(engine, [Request(f"r{i}", p, greedy(24))])[f"r{i}"][0] for i, p in enumerate(prompts)}

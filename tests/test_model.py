@@ -67,6 +67,7 @@ def test_logits_match_transformers(model_files, hf_model):
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gguf_conversion_matches_transformers_gguf_loader(model_files):
     """transformers reads the GGUF itself (its own dequantization and q/k un-permutation)."""
     pytest.importorskip("accelerate")

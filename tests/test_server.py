@@ -108,6 +108,7 @@ def test_logprobs(client, model_name):
     assert len(c.choices[0].logprobs.tokens) == 3 and len(c.choices[0].logprobs.top_logprobs[0]) == 2
 
 
+@pytest.mark.slow
 def test_concurrent_greedy_requests_match_alone(client, model_name):
     questions = ["Tell me a joke.", "What is 2+2?", "Name three colors.", "Why is the sky blue?",
                  "What is the capital of France?", "Write a haiku about rain.", "What is Python?", "Say hi."]
@@ -180,6 +181,7 @@ def test_api_key_auth(auth_server):
     assert httpx.post(auth_server.base_url + "/tokenize", json={"prompt": "x"}).status_code == 401
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_exits(tmp_path, model_files):
     srv = ServerProcess("--kv-cache-gb", "0.1", "--shutdown-timeout", "300", log=tmp_path / "server.log")
     srv.wait_ready()

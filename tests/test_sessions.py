@@ -39,6 +39,7 @@ def reference():
     return LLMEngine(EngineConfig(kv_cache_gb=0.1, session_cache=False))
 
 
+@pytest.mark.slow
 def test_every_tier_serves_what_recomputation_serves(tmp_path, reference):
     """Two interleaved sessions; DRAM holds about one, so the other is read back from SSD; then a restart."""
     cfg = EngineConfig(kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=256 * 46080 / 2**30, kv_chunk_tokens=32)
@@ -193,6 +194,7 @@ def test_tenants_never_share_sessions(tenant_server):
     assert [s["id"] for s in httpx.get(base + "/v1/sessions", headers=ha).json()["data"]] == ["shared-id"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_then_restart(tmp_path, model_files):
     ssd = tmp_path / "ssd"
     off = ServerProcess("--kv-cache-gb", "0.1", "--no-session-cache", log=tmp_path / "off.log")
