@@ -191,6 +191,11 @@ def test_tenants_never_share_sessions(tenant_server):
     assert httpx.delete(base + "/v1/sessions/shared-id", headers=hb).json()["deleted"] is True
     assert httpx.get(base + "/v1/sessions/shared-id", headers=hb).status_code == 404
     assert httpx.get(base + "/v1/sessions/shared-id", headers=ha).status_code == 200
+    pinned = httpx.post(base + "/v1/sessions/shared-id/pin", headers=ha, json={"seconds": 60})
+    assert pinned.status_code == 200 and httpx.get(base + "/v1/sessions/shared-id", headers=ha).json()[
+        "pinned_until"] > time.time() + 50
+    assert httpx.post(base + "/v1/sessions/shared-id/pin", headers=hb, json={"seconds": 60}).status_code == 404
+    assert httpx.post(base + "/v1/sessions/shared-id/pin", headers=ha, json={"seconds": -5}).status_code == 400
     assert [s["id"] for s in httpx.get(base + "/v1/sessions", headers=ha).json()["data"]] == ["shared-id"]
 
 

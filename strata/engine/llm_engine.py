@@ -136,6 +136,12 @@ class LLMEngine:
         dropped = self.reuse.cache.drop(key)
         return (self.store.delete(key) if self.store is not None else False) or dropped
 
+    def pin_session(self, key: str, seconds: float) -> bool:
+        if self.store is None or self.store.info(key) is None:
+            return False
+        self.store.pin(key, seconds)
+        return True
+
     def list_sessions(self, prefix: str) -> list[str]:
         keys = set(self.store.sessions()) if self.store is not None else set()
         keys |= set(self.reuse.cache.keys())
