@@ -73,16 +73,31 @@ def serve(args: argparse.Namespace) -> None:
     run_http(app, args.host, args.port, args.log_level, args.shutdown_timeout)
 
 
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    from strata.engine.skip.calibrate import add_calibrate_arguments
+
+    p = sub.add_parser("calibrate", help="measure sublayer importance once per model (AdaSkip profile)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_calibrate_arguments(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="strata", description="strata: OpenAI-compatible LLM server")
     parser.add_argument("--version", action="version", version=f"strata {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _calibrate_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "serve":
         serve(args)
+    elif args.command == "calibrate":
+        from strata.engine.skip.calibrate import calibrate_from_args
+
+        calibrate_from_args(args)
 
 
 if __name__ == "__main__":
