@@ -38,6 +38,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="scheduler: prefetch and protect the sessions of queued requests; lru: plain LRU")
     p.add_argument("--session-ttl", type=float, default=3600.0,
                    help="seconds an idle session's KV is kept before it expires from every tier")
+    p.add_argument("--context-overflow", choices=["truncate", "error"], default="truncate",
+                   help="a chat prompt with no room left for the completion: drop its oldest non-system "
+                        "messages (reusing the session's re-rotated KV), or answer 400 context_length_exceeded")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and KV cache dtype (float32 on CPU)")
     p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
@@ -68,6 +71,7 @@ def serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
+        context_overflow=args.context_overflow,
     )
     app = build_app(settings)
     run_http(app, args.host, args.port, args.log_level, args.shutdown_timeout)

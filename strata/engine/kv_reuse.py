@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 
 from strata.engine.sequence import Sequence
+from strata.engine.stored_cut import stored_cut
 from strata.storage.device_cache import DeviceCache
 from strata.storage.kv_store import KVStore
 from strata.storage.load_handle import KVLoadError
@@ -28,6 +29,7 @@ class KVReuse:
         self.hits: Counter[str] = Counter()  # by tier, "none" for misses
         self.tokens_reused: Counter[str] = Counter()
         self.load_failures = 0
+        self.truncations = 0  # sessions whose stored KV was cut for a context overflow
 
     def cache_key(self, seq: Sequence) -> str | None:
         """The session key, or for requests without one a key from their first block of tokens."""
@@ -47,6 +49,8 @@ class KVReuse:
             return
         anonymous = not seq.request.session_key
         prompt = seq.token_ids[: seq.num_prompt_tokens]
+        if not anonymous:
+            self._truncate(key, seq)
         n, blocks = self.cache.take(key, prompt, whole_blocks_only=anonymous)
         if n:
             seq.block_table, seq.num_computed, seq.cache_tier = blocks, n, "hbm"
@@ -67,6 +71,28 @@ class KVReuse:
         seq.num_cached_tokens = seq.num_computed
         self.hits[seq.cache_tier or "none"] += 1
         self.tokens_reused[seq.cache_tier or "none"] += seq.num_computed
+
+    def _truncate(self, key: str, seq: Sequence) -> None:
+        """Context overflow: cut the session's stored KV as its prompt was cut (later keys re-rotated).
+
+        The cached device blocks still hold the keys at their old positions, so they are dropped
+        and the lookup that follows hits the re-rotated copy in DRAM/SSD. Any failure only
+        costs reuse: the lookup compares token ids, so a stale or short entry is never misused.
+        """
+        if seq.request.truncation is None or seq.truncation_applied or self.store is None:
+            return
+        seq.truncation_applied = True  # once: a preempted sequence is acquired again
+        self.cache.drop(key)
+        # The request's range is in the client's full history; the stored ids may be cut already.
+        cut = stored_cut(self.store.tokens(key), seq.token_ids[: seq.num_prompt_tokens])
+        if cut is None:
+            return
+        try:
+            self.store.truncate(key, *cut)
+        except (KeyError, ValueError, KVLoadError) as e:
+            log.info("session %s not truncated in the store, its prompt is recomputed: %s", key, e)
+            return
+        self.truncations += 1
 
     def load_failed(self, seq: Sequence) -> None:
         """A layer never arrived: forget the loaded prefix and recompute it in the same blocks."""

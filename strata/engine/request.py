@@ -14,6 +14,9 @@ class Request:
     sampling: SamplingParams
     session_key: str | None = None
     skip_policy: object | None = None
+    # Context overflow: the prompt is the client's full history with tokens [keep_head, drop_end) cut
+    # out; the session's stored KV is cut the same way (kept keys re-rotated) before reuse.
+    truncation: tuple[int, int] | None = None
 
 
 @dataclass

@@ -30,6 +30,7 @@ class Sequence:
         self.cache_tier: str | None = None  # where the reused tokens came from: hbm, dram, ssd
         self.load: LoadHandle | None = None  # a layer-wise load of history KV in flight
         self.acquired = False  # reusable history looked up since (re)admission
+        self.truncation_applied = False  # the session's stored KV was cut once (never twice on readmission)
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.output_text = output_text

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
-from strata.engine.tokenizer import ChatTemplateError
+from strata.engine.tokenizer import ChatTemplateError, Tokenizer
 from strata.server.choices import admit, cache_headers, gather_choices, prepend, run_choices, usage
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import chat_logprobs
+from strata.server.overflow import Fitted, completion_reserve, fit_messages
 from strata.server.protocol import ChatCompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
 from strata.server.session_key import session_key
@@ -33,6 +34,18 @@ def _check_unsupported(body: ChatCompletionRequest) -> None:
                           param="response_format")
 
 
+def _fit_context(state: ServerState, tok: Tokenizer, messages: list[dict[str, Any]], prompt: list[int],
+                 requested: int | None, limit: int, add_generation_prompt: bool) -> Fitted | None:
+    """--context-overflow truncate: drop the oldest turns when the prompt leaves no room for the completion.
+
+    None when nothing needs to go, or nothing can (then the usual context-length check answers).
+    """
+    reserve = completion_reserve(requested, limit)
+    if state.settings.context_overflow != "truncate" or len(prompt) + reserve <= limit:
+        return None
+    return fit_messages(lambda m: tok.encode_chat(m, add_generation_prompt), messages, prompt, limit - reserve)
+
+
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, headers: Headers, tenant: str
                            ) -> JSONResponse | StreamingResponse:
     state.check_model(body.model)
@@ -47,6 +60,11 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
         raise bad_request(str(e), param="messages") from e
     limit = engine.engine.context_limit
     requested = body.max_completion_tokens or body.max_tokens
+    fitted = _fit_context(state, tok, messages, prompt, requested, limit, body.add_generation_prompt)
+    if fitted is not None:
+        prompt = fitted.prompt_ids
+    truncation = fitted.truncation if fitted is not None else None
+    dropped = fitted.dropped_tokens if fitted is not None else 0
     max_tokens = max_new_tokens(requested, len(prompt), limit)
     top = body.top_logprobs or 0
     params = [sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size, logprobs=body.logprobs,
@@ -58,15 +76,16 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        outputs = run_choices(engine, rid, prompts, params, key)
+        outputs = run_choices(engine, rid, prompts, params, key, truncation)
         # Wait for the first token: errors before it are plain HTTP errors, and the headers can say
         # how much history was reused.
         first = await anext(outputs)
         gen = _stream(state, rid, created, len(prompt), outputs, first, include_usage, body.logprobs, body.n)
-        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier)
+        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier,
+                                                                dropped)
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
 
-    results = await gather_choices(engine, rid, prompts, params, key)
+    results = await gather_choices(engine, rid, prompts, params, key, truncation)
     choices = [
         {
             "index": i,
@@ -80,7 +99,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
         "choices": choices, "usage": totals, "system_fingerprint": None,
-    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier))
+    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier, dropped))
 
 
 async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int,

@@ -73,6 +73,7 @@ async def run_choices(
     prompts: list[list[int]],
     params: list[SamplingParams],
     session_key: str | None,
+    truncation: tuple[int, int] | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yields (choice index, output). Leaving early (disconnect) aborts every choice."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -88,7 +89,8 @@ async def run_choices(
 
     # Only the first choice continues the session: one conversation has one history.
     tasks = [
-        asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key if i == 0 else None)))
+        asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key if i == 0 else None,
+                                            truncation=truncation if i == 0 else None)))
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
     ]
     remaining = len(tasks)
@@ -113,9 +115,10 @@ async def gather_choices(
     prompts: list[list[int]],
     params: list[SamplingParams],
     session_key: str | None,
+    truncation: tuple[int, int] | None = None,
 ) -> list[ChoiceResult]:
     results = [ChoiceResult() for _ in prompts]
-    async for i, out in run_choices(engine, request_id, prompts, params, session_key):
+    async for i, out in run_choices(engine, request_id, prompts, params, session_key, truncation):
         r = results[i]
         if out.error is not None:
             raise APIError(500, out.error, type="server_error", code="internal_error")

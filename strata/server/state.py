@@ -17,6 +17,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
     shutdown_timeout: float = 30.0
+    context_overflow: str = "truncate"  # or "error": a chat prompt too long for the context is a 400
 
 
 class ServerState:

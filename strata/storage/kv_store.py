@@ -6,7 +6,7 @@ and out of device blocks. ``lookup`` never reports the ``"hbm"`` tier: an HBM hi
 the engine's business (its blocks are still cached), it asks the store only on a miss.
 
 Interface (all methods are called from the engine thread; they never block on I/O
-except ``flush``, ``close``, ``truncate`` and ``wait_layer``)::
+except ``flush``, ``close``, ``truncate``, ``tokens`` and ``wait_layer``)::
 
     store = KVStore(pool, model_fingerprint=..., dram_bytes=..., ssd_dir=Path | None, ssd_bytes=...,
                     policy="scheduler" | "lru", ttl_s=3600.0, chunk_tokens=256,
@@ -18,6 +18,7 @@ except ``flush``, ``close``, ``truncate`` and ``wait_layer``)::
     store.save(key, token_ids, block_table, start, end)  # copies KV [start, end) out of the blocks now
     store.finish(key, token_ids)
     store.truncate(key, keep_head, drop_end) -> int      # context overflow, re-rotates kept keys
+    store.tokens(key) -> list[int]                       # stored ids, after pending saves
     store.pin(key, seconds); store.delete(key) -> bool; store.info(key) -> dict | None
     store.sessions() -> list[str]; store.stats() -> dict[str, float]
     store.flush(); store.close()
@@ -299,6 +300,24 @@ class KVStore:
         if isinstance(result[0], BaseException):
             raise result[0]
         return result[0]
+
+    def tokens(self, session_key: str) -> list[int]:
+        """The session's stored token ids once its pending saves are applied (empty: no entry)."""
+        self._check_open()
+        done = threading.Event()
+        result: list[int] = []
+
+        def op() -> None:
+            try:
+                with self._lock:
+                    entry = self._entries.get(session_key)
+                    result.extend(entry.tokens if entry is not None else [])
+            finally:
+                done.set()
+
+        self._saves.put(op)  # behind the saves already queued for the session
+        done.wait()
+        return result
 
     def pin(self, session_key: str, seconds: float) -> None:
         """Keep the session regardless of LRU and TTL for ``seconds`` (0 unpins)."""
