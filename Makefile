@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast lint bench bench-engine clean
+.PHONY: serve test test-fast lint bench bench-engine bench-multiturn bench-adaskip clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,16 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-bench: bench-engine
+bench: bench-engine bench-multiturn bench-adaskip
 
 bench-engine: $(STAMP)
 	$(PY) benchmarks/engine.py
+
+bench-multiturn: $(STAMP)
+	$(PY) benchmarks/multiturn.py
+
+bench-adaskip: $(STAMP)
+	$(PY) benchmarks/adaskip.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
