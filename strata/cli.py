@@ -11,6 +11,8 @@ from strata import __version__
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from strata.engine.skip.policy import POLICIES
+
     p = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default",
@@ -41,6 +43,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-overflow", choices=["truncate", "error"], default="truncate",
                    help="a chat prompt with no room left for the completion: drop its oldest non-system "
                         "messages (reusing the session's re-rotated KV), or answer 400 context_length_exceeded")
+    p.add_argument("--skip-policy", choices=list(POLICIES), default="adaskip",
+                   help="sublayer skipping policy: adaskip (needs `strata calibrate` once per model) or the "
+                        "baselines early-exit, skipdecode, unified")
+    p.add_argument("--skip-sublayers", type=int, default=0,
+                   help="sublayers a request skips unless it asks otherwise (body `skip`, header "
+                        "X-Skip-Sublayers); 0: none")
+    p.add_argument("--skip-mode", choices=["prefill", "decode", "e2e"], default="e2e",
+                   help="where skipping applies unless a request says: prefill, decode, or both (e2e)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and KV cache dtype (float32 on CPU)")
     p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
@@ -65,7 +75,8 @@ def serve(args: argparse.Namespace) -> None:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, session_cache=not args.no_session_cache, dram_kv_gb=args.dram_kv_gb,
             ssd_dir=args.ssd_dir, ssd_kv_gb=args.ssd_kv_gb, eviction_policy=args.eviction_policy,
-            session_ttl_s=args.session_ttl,
+            session_ttl_s=args.session_ttl, skip_policy=args.skip_policy, skip_sublayers=args.skip_sublayers,
+            skip_mode=args.skip_mode,
         ),
         served_model_name=args.served_model_name,
         api_key=args.api_key,

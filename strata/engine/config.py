@@ -24,3 +24,7 @@ class EngineConfig:
     eviction_policy: str = "scheduler"  # or "lru"
     session_ttl_s: float = 3600.0
     kv_chunk_tokens: int = 256
+    # AdaSkip: the policy for every request, and the default of requests that do not ask (0 = no skipping).
+    skip_policy: str = "adaskip"  # or early-exit, skipdecode, unified (baselines, need no profile)
+    skip_sublayers: int = 0
+    skip_mode: str = "e2e"  # prefill, decode or e2e

@@ -5,6 +5,11 @@ that, asks the tier store for the longest stored prefix (DRAM or SSD hit) and st
 layer-wise load into fresh blocks; the runner then waits per layer. After every step the
 KV of the newly computed tokens is handed to the store; when a request finishes its blocks
 stay cached under its session key.
+
+KV computed with sublayers skipped (AdaSkip, from `seq.skip_from` on) is never handed on: it
+lacks the skipped attention layers and differs from the full model's. It is neither saved nor
+cached, so the session's stored entry stays what it was, plus what was computed before the first
+skip, and a later turn reads only KV of the full model.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class KVReuse:
         self.tokens_reused: Counter[str] = Counter()
         self.load_failures = 0
         self.truncations = 0  # sessions whose stored KV was cut for a context overflow
+        self.skip_tokens_not_saved = 0  # tokens whose KV was computed with skipping, so dropped
 
     def cache_key(self, seq: Sequence) -> str | None:
         """The session key, or for requests without one a key from their first block of tokens."""
@@ -104,10 +110,16 @@ class KVReuse:
         seq.num_cached_tokens = 0
         seq.cache_tier = None
 
+    @staticmethod
+    def reusable(seq: Sequence) -> int:
+        """Tokens at the start of the sequence whose KV is in its blocks and is the full model's."""
+        return seq.num_computed if seq.skip_from is None else min(seq.num_computed, seq.skip_from)
+
     def saved(self, seq: Sequence, start: int, end: int) -> None:
         """The K/V of tokens [start, end) are now in the sequence's blocks."""
         key = seq.request.session_key
-        if self.store is not None and key:
+        end = min(end, self.reusable(seq))
+        if self.store is not None and key and end > start:
             self.store.save(key, seq.token_ids, seq.block_table, start, end)
 
     def release(self, seq: Sequence, keep: bool) -> None:
@@ -118,13 +130,20 @@ class KVReuse:
             keep = False  # its history may be half loaded
         key = self.cache_key(seq)
         computed = seq.token_ids[: seq.num_computed]
-        if key is not None and keep and computed:
-            self.cache.put(key, computed, seq.block_table, whole_blocks_only=not seq.request.session_key)
+        reusable = computed[: self.reusable(seq)]
+        self.skip_tokens_not_saved += len(computed) - len(reusable)
+        if key is not None and keep and reusable:
+            self.cache.put(key, reusable, seq.block_table, whole_blocks_only=not seq.request.session_key)
         else:
             self.cache.pool.free(seq.block_table)
         seq.block_table = []
+        # The store holds only reusable KV (see saved()); the computed ids just confirm its entry.
         if self.store is not None and seq.request.session_key and keep and computed:
             self.store.finish(seq.request.session_key, computed)
+        # Its blocks are gone: a recomputation (after a preemption) starts from full-model history.
+        seq.skip_from = None
+        if seq.skip is not None:
+            seq.skip.restart()
 
     def upcoming(self, waiting: list[Sequence]) -> None:
         if self.store is not None:

@@ -13,10 +13,11 @@ from strata.engine.kv_reuse import KVReuse
 from strata.engine.model_runner import LoadFailed, ModelRunner
 from strata.engine.models.llama import LlamaModel
 from strata.engine.output_text import OutputText
-from strata.engine.request import Request, RequestOutput
+from strata.engine.request import Request, RequestOutput, SkipRequest
 from strata.engine.sampler import sample_token
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
+from strata.engine.skip_setup import SkipRejected, SkipSetup
 from strata.engine.stats import EngineStats
 from strata.engine.tokenizer import Tokenizer
 from strata.engine.weights.model_files import ModelFiles, resolve_model
@@ -53,6 +54,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.pool, self.reuse)
         self.runner = ModelRunner(self.model, self.pool, self.store)
         self.stats = EngineStats()
+        self.skips = SkipSetup(config, self.files.directory, self.files.fingerprint, cfg.num_hidden_layers)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -100,13 +102,22 @@ class LLMEngine:
             )
         if request.request_id in self._seqs:
             raise RequestRejected(f"duplicate request id {request.request_id}")
+        try:
+            skip = self.skips.state_for(request.skip)
+        except SkipRejected as e:
+            raise RequestRejected(str(e)) from e
         seed = request.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
         p = request.sampling
-        seq = Sequence(request, OutputText(self.tokenizer, p.stop, p.skip_special_tokens), seed)
+        seq = Sequence(request, OutputText(self.tokenizer, p.stop, p.skip_special_tokens), seed, skip)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def check_skip(self, spec: SkipRequest) -> None:
+        """Raise SkipRejected unless the engine can serve this skip request (reads only what never
+        changes after start, so any thread may call it)."""
+        self.skips.check(spec)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._seqs.get(request_id)
@@ -227,6 +238,7 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             cache_tier=seq.cache_tier,
+            skip=self.skips.report(seq.skip) if seq.skip is not None else None,
             finished=final,
             finish_reason=seq.finish_reason if final else None,
         )
@@ -238,4 +250,6 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         self._seqs.pop(seq.request_id, None)
         self.stats.finished[seq.finish_reason or "stop"] += 1
+        if seq.skip is not None:
+            self.stats.observe_skip(seq.skip)
         return self._output(seq, final=True)

@@ -10,6 +10,7 @@ from strata.engine.models.attention_batch import AttentionBatch, PrefillSlice
 from strata.engine.models.llama import LlamaModel
 from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
+from strata.engine.step_skips import StepSkips
 from strata.storage.block_pool import BlockPool
 from strata.storage.kv_store import KVStore
 from strata.storage.load_handle import KVLoadError
@@ -58,39 +59,53 @@ class ModelRunner:
         slots: list[torch.Tensor] = []
         prefills: list[PrefillSlice] = []
         decode_rows: list[int] = []
-        decode_seqs: list[Sequence] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []  # context length of each decode row, itself included
         sample_rows: list[int] = []
         sampling: list[Sequence] = []
+        skips = StepSkips()
         for seq, n in batch.items:
             start, c = len(ids), seq.num_computed
             ids.extend(seq.token_ids[c : c + n])
             positions.extend(range(c, c + n))
             slots.append(self._slots(seq, c, c + n))
-            if n == 1:
+            # A skipping sequence that recomputes generated tokens (after a preemption) runs each of
+            # them as a decode row of its own, so that each replays the skip set of its decode step.
+            attend = n if seq.skip is None else min(n, max(seq.num_prompt_tokens - c, 0))
+            if attend == 1:
                 decode_rows.append(start)
-                decode_seqs.append(seq)
-            else:
-                ctx = self._slots(seq, 0, c + n) if c > 0 else None
-                prefills.append(PrefillSlice(start, start + n, c, ctx))
+                decode_tables.append(seq.block_table)
+                decode_lens.append(c + 1)
+            elif attend > 1:
+                ctx = self._slots(seq, 0, c + attend) if c > 0 else None
+                prefills.append(PrefillSlice(start, start + attend, c, ctx))
+            for i in range(attend, n):
+                decode_rows.append(start + i)
+                decode_tables.append(seq.block_table)
+                decode_lens.append(c + i + 1)
+            if seq.skip is not None:
+                skips.add(seq, start, attend, n)
             if c + n == seq.num_tokens:
                 sample_rows.append(start + n - 1)
                 sampling.append(seq)
 
-        max_blocks = max((len(s.block_table) for s in decode_seqs), default=1)
-        tables = torch.zeros(len(decode_seqs), max_blocks, dtype=torch.long)
-        for i, s in enumerate(decode_seqs):
-            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+        max_blocks = max((len(t) for t in decode_tables), default=1)
+        tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
+        for i, t in enumerate(decode_tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         attn = AttentionBatch(
             slots=torch.cat(slots),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long),
             decode_block_tables=tables,
-            decode_context_lens=torch.tensor([s.num_computed + 1 for s in decode_seqs], dtype=torch.long),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long),
         )
+        plan = skips.plan(len(ids), self.model.cfg.num_hidden_layers, self.model.dtype)
         hidden = self.model.forward(
             torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), attn, self.pool.kv,
-            before_layer=self._wait_for_loads(batch),
+            skip=plan, before_layer=self._wait_for_loads(batch),
         )
+        skips.observe()
         # Logits only for the positions that are sampled from.
         logits = self.model.logits(hidden[torch.tensor(sample_rows, dtype=torch.long)])
         for seq, n in batch.items:

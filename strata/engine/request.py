@@ -7,13 +7,31 @@ from dataclasses import dataclass, field
 from strata.engine.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class SkipRequest:
+    """AdaSkip for one request: skip `sublayers` sublayers (0 = none) in mode prefill, decode or e2e."""
+
+    sublayers: int
+    mode: str = "e2e"
+
+
+@dataclass(frozen=True)
+class SkipReport:
+    """What a request skips, for the response headers: the engine's policy, the mode, and the sublayers
+    (the fixed set, plus the request's own online extra FFNs once decided), e.g. ("attn25", "ffn9")."""
+
+    policy: str
+    mode: str
+    sublayers: tuple[str, ...]
+
+
 @dataclass
 class Request:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     session_key: str | None = None
-    skip_policy: object | None = None
+    skip: SkipRequest | None = None  # None: the engine's default (EngineConfig.skip_sublayers / skip_mode)
     # Context overflow: the prompt is the client's full history with tokens [keep_head, drop_end) cut
     # out; the session's stored KV is cut the same way (kept keys re-rotated) before reuse.
     truncation: tuple[int, int] | None = None
@@ -36,6 +54,7 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     cache_tier: str | None = None  # hbm, dram or ssd when tokens were reused
+    skip: SkipReport | None = None  # None when the request skips nothing
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None

@@ -9,6 +9,7 @@ import torch
 
 from strata.engine.output_text import OutputText
 from strata.engine.request import Request, TokenLogprob
+from strata.engine.skip.request_state import RequestSkipState
 from strata.storage.load_handle import LoadHandle
 
 
@@ -19,7 +20,8 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request: Request, output_text: OutputText, seed: int) -> None:
+    def __init__(self, request: Request, output_text: OutputText, seed: int,
+                 skip: RequestSkipState | None = None) -> None:
         self.request = request
         self.request_id = request.request_id
         self.sampling = request.sampling
@@ -32,6 +34,11 @@ class Sequence:
         self.acquired = False  # reusable history looked up since (re)admission
         self.truncation_applied = False  # the session's stored KV was cut once (never twice on readmission)
         self.block_table: list[int] = []
+        self.skip = skip  # AdaSkip state of this request; None: it skips nothing (the plain path)
+        # First token whose KV was computed with some sublayer skipped (None: none so far). KV from
+        # here on is missing at skipped attention layers or differs from the full model's: it is
+        # never saved to the session tiers nor cached for other requests.
+        self.skip_from: int | None = None
         self.status = SequenceStatus.WAITING
         self.output_text = output_text
         self.pending_logprobs: list[TokenLogprob] = []

@@ -6,6 +6,8 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
+from strata.engine.skip.request_state import RequestSkipState
+
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -35,7 +37,18 @@ class EngineStats:
     steps: int = 0
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     ttft_by_tier: dict[str, Histogram] = field(default_factory=dict)  # "none" for misses
+    # AdaSkip, per finished request that skipped: requests by mode, sublayers by kind (attn, ffn),
+    # and how many of the FFNs were the request's own online extras.
+    skip_requests: Counter[str] = field(default_factory=Counter)
+    skip_sublayers: Counter[str] = field(default_factory=Counter)
+    skip_extra_ffns: int = 0
 
     def observe_ttft(self, seconds: float, tier: str | None) -> None:
         self.ttft.observe(seconds)
         self.ttft_by_tier.setdefault(tier or "none", Histogram(TTFT_BUCKETS)).observe(seconds)
+
+    def observe_skip(self, state: RequestSkipState) -> None:
+        self.skip_requests[state.mode] += 1
+        self.skip_sublayers["attn"] += len(state.policy.fixed.attn)
+        self.skip_sublayers["ffn"] += len(state.policy.fixed.ffn) + len(state.extra.ffn)
+        self.skip_extra_ffns += len(state.extra.ffn)

@@ -19,6 +19,7 @@ from strata.server.overflow import Fitted, completion_reserve, fit_messages
 from strata.server.protocol import ChatCompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
 from strata.server.session_key import session_key
+from strata.server.skip import skip_headers, skip_request
 from strata.server.sse import SSE_DONE, sse
 from strata.server.state import ServerState
 
@@ -70,22 +71,23 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     params = [sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size, logprobs=body.logprobs,
                               top_logprobs=top, choice=i) for i in range(body.n)]
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
+    skip = skip_request(state, body.skip, headers)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     prompts = [prompt] * body.n
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        outputs = run_choices(engine, rid, prompts, params, key, truncation)
+        outputs = run_choices(engine, rid, prompts, params, key, truncation, skip)
         # Wait for the first token: errors before it are plain HTTP errors, and the headers can say
         # how much history was reused.
         first = await anext(outputs)
         gen = _stream(state, rid, created, len(prompt), outputs, first, include_usage, body.logprobs, body.n)
         headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier,
-                                                                dropped)
+                                                                dropped) | skip_headers(first[1].skip)
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
 
-    results = await gather_choices(engine, rid, prompts, params, key, truncation)
+    results = await gather_choices(engine, rid, prompts, params, key, truncation, skip)
     choices = [
         {
             "index": i,
@@ -99,7 +101,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
         "choices": choices, "usage": totals, "system_fingerprint": None,
-    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier, dropped))
+    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier, dropped) | skip_headers(
+        results[0].skip))
 
 
 async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int,

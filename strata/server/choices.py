@@ -9,7 +9,7 @@ from typing import Any
 
 from strata.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from strata.engine.llm_engine import RequestRejected
-from strata.engine.request import Request, RequestOutput, TokenLogprob
+from strata.engine.request import Request, RequestOutput, SkipReport, SkipRequest, TokenLogprob
 from strata.engine.sampling_params import SamplingParams
 from strata.server.errors import APIError, bad_request
 
@@ -26,6 +26,7 @@ class ChoiceResult:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     cache_tier: str | None = None
+    skip: SkipReport | None = None
 
 
 def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
@@ -74,6 +75,7 @@ async def run_choices(
     params: list[SamplingParams],
     session_key: str | None,
     truncation: tuple[int, int] | None = None,
+    skip: SkipRequest | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yields (choice index, output). Leaving early (disconnect) aborts every choice."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -90,7 +92,7 @@ async def run_choices(
     # Only the first choice continues the session: one conversation has one history.
     tasks = [
         asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key if i == 0 else None,
-                                            truncation=truncation if i == 0 else None)))
+                                            skip=skip, truncation=truncation if i == 0 else None)))
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
     ]
     remaining = len(tasks)
@@ -116,9 +118,10 @@ async def gather_choices(
     params: list[SamplingParams],
     session_key: str | None,
     truncation: tuple[int, int] | None = None,
+    skip: SkipRequest | None = None,
 ) -> list[ChoiceResult]:
     results = [ChoiceResult() for _ in prompts]
-    async for i, out in run_choices(engine, request_id, prompts, params, session_key, truncation):
+    async for i, out in run_choices(engine, request_id, prompts, params, session_key, truncation, skip):
         r = results[i]
         if out.error is not None:
             raise APIError(500, out.error, type="server_error", code="internal_error")
@@ -129,6 +132,7 @@ async def gather_choices(
         r.num_output_tokens = out.num_output_tokens
         r.num_cached_tokens = out.num_cached_tokens
         r.cache_tier = out.cache_tier
+        r.skip = out.skip  # the last one also names the request's online extra FFNs
         if out.finished:
             r.finish_reason = out.finish_reason
     return results

@@ -19,6 +19,7 @@ from strata.server.logprobs import completion_logprobs
 from strata.server.protocol import CompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
 from strata.server.session_key import session_key
+from strata.server.skip import skip_headers, skip_request
 from strata.server.sse import SSE_DONE, sse
 from strata.server.state import ServerState
 
@@ -68,6 +69,7 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
                                           choice=i))
             all_prompts.append(ids)
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
+    skip = skip_request(state, body.skip, headers)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     echo = [tok.decode(ids) if body.echo else "" for ids in all_prompts]
@@ -75,13 +77,14 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        outputs = run_choices(engine, rid, all_prompts, params, key)
+        outputs = run_choices(engine, rid, all_prompts, params, key, skip=skip)
         first = await anext(outputs)  # errors before the first token are plain HTTP errors
         gen = _stream(state, rid, created, outputs, first, params, include_usage, echo, prompt_tokens)
-        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier)
+        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier
+                                                                ) | skip_headers(first[1].skip)
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
 
-    results = await gather_choices(engine, rid, all_prompts, params, key)
+    results = await gather_choices(engine, rid, all_prompts, params, key, skip=skip)
     choices = [
         {
             "index": i,
@@ -97,7 +100,7 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
         "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
         "choices": choices, "usage": usage(prompt_tokens, completion, results[0].num_cached_tokens),
         "system_fingerprint": None,
-    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier))
+    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier) | skip_headers(results[0].skip))
 
 
 async def _stream(state: ServerState, rid: str, created: int, outputs: AsyncIterator[tuple[int, RequestOutput]],

@@ -50,6 +50,7 @@ class EngineCollector:
             ttft.add_metric([tier], _buckets(h), sum_value=h.total)
         yield ttft
         yield from _tier_metrics(e)
+        yield from _skip_metrics(e)
 
 
 def _buckets(h: Histogram) -> list[tuple[str, float]]:
@@ -104,6 +105,28 @@ def _tier_metrics(e: LLMEngine) -> Iterator[Metric]:
                               value=reuse.load_failures)
     yield GaugeMetricFamily("strata_kv_sessions", "Sessions stored in the DRAM/SSD tiers",
                             value=st.get("sessions", 0.0))
+
+
+def _skip_metrics(e: LLMEngine) -> Iterator[Metric]:
+    """AdaSkip: what finished requests skipped, and the KV kept out of reuse because of it."""
+    s = e.stats
+    yield GaugeMetricFamily("strata_skip_profile_loaded", "1 when an AdaSkip calibration profile is loaded",
+                            value=int(e.skips.profile is not None))
+    requests = CounterMetricFamily("strata_skip_requests", "Finished requests that skipped sublayers, by policy "
+                                   "and mode", labels=["policy", "mode"])
+    for mode, n in sorted(s.skip_requests.items()):
+        requests.add_metric([e.skips.policy_name, mode], n)
+    yield requests
+    sublayers = CounterMetricFamily("strata_skip_sublayers", "Sublayers in the skip sets of finished requests "
+                                    "(fixed set plus online extra FFNs), by kind", labels=["kind"])
+    for kind in ("attn", "ffn"):
+        sublayers.add_metric([kind], s.skip_sublayers[kind])
+    yield sublayers
+    yield CounterMetricFamily("strata_skip_extra_ffns", "FFNs added online to a request's skip set (AdaSkip)",
+                              value=s.skip_extra_ffns)
+    yield CounterMetricFamily("strata_skip_kv_not_saved", "Tokens whose KV was computed with sublayers skipped, "
+                              "hence neither saved to the session tiers nor cached for reuse",
+                              value=e.reuse.skip_tokens_not_saved)
 
 
 def metrics_text(state: ServerState) -> bytes:

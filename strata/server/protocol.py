@@ -37,6 +37,13 @@ class StreamOptions(_Body):
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
+class SkipField(_Body):
+    """AdaSkip extension: skip `sublayers` of the model's sublayers; `mode` unset = the server's --skip-mode."""
+
+    sublayers: int = Field(ge=0)
+    mode: Literal["prefill", "decode", "e2e"] | None = None
+
+
 class SamplingFields(_Body):
     """Fields shared by chat and completions requests."""
 
@@ -61,6 +68,7 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
+    skip: SkipField | None = None  # strata extension (AdaSkip); header X-Skip-Sublayers when absent
 
     @field_validator("stop")
     @classmethod

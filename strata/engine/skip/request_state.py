@@ -34,8 +34,13 @@ class RequestSkipState:
     join this request's `extra` set, with their mean online scale, for the rest of its decode.
 
     KV safety: once a step skipped attention at layer l, later steps of this request skip it
-    too (earlier tokens have no K/V there). `attn_skipped` is that set, to record in the
-    session entry: a later request that wants layer l must recompute, not read missing KV.
+    too (earlier tokens have no K/V there). `attn_skipped` is that set. The engine never lets
+    other requests reuse KV computed with skipping (see strata/engine/kv_reuse.py).
+
+    Recomputation (preemption): the engine calls `restart()` when the request's KV is dropped,
+    then plans its steps again in order, passing each decode step's index (`decode_step`):
+    a step planned before is replayed with the set it had and is neither counted nor
+    measured again.
     """
 
     def __init__(self, policy: SkipPolicy, mode: Mode = "e2e", window: int = 20) -> None:
@@ -51,25 +56,37 @@ class RequestSkipState:
         self._sim: dict[int, list[float]] = {}
         self._scale: dict[int, list[float]] = {}
         self._observed = 0
+        self._extra_from: int | None = None  # first decode step that skips the extra set
 
     @property
     def online(self) -> bool:
         return self.policy.online and self.policy.beta is not None and self.mode in ("decode", "e2e")
 
-    def plan_for_step(self, is_prefill: bool) -> SkipSet:
-        """The sublayers this request skips in the step being built (call once per step)."""
-        step = None if is_prefill else self.decode_steps
+    def plan_for_step(self, is_prefill: bool, decode_step: int | None = None) -> SkipSet:
+        """The sublayers this request skips in the step being built (call once per step, in order).
+
+        `decode_step`: the index of a decode step (0 feeds the first generated token); default
+        the next one. A step below the count planned so far is a replay (recomputation)."""
+        step = None if is_prefill else (self.decode_steps if decode_step is None else decode_step)
+        new = step is not None and step >= self.decode_steps
         skips_now = self.mode == "e2e" or (self.mode == "prefill") == is_prefill
         chosen = self.policy.skip_set(step) if skips_now else EMPTY
         if step is not None:
-            self.decode_steps += 1
-            if skips_now:
+            self.decode_steps = max(self.decode_steps, step + 1)
+            if skips_now and self._extra_from is not None and step >= self._extra_from:
                 chosen = chosen.union(self.extra)
-        self.measuring = step is not None and self.online and step < self.window
+        # Each of the first W new decode steps is measured once (a replayed step is not).
+        self.measuring = new and self.online and self._observed < self.window
         # Sticky attention skips: tokens after a skip must not attend to K/V never written.
         attn = {**self.attn_skipped, **chosen.attn}
         self.attn_skipped = attn
         return SkipSet(attn, dict(chosen.ffn))
+
+    def restart(self) -> None:
+        """The request's KV was dropped but for history computed without skipping: nothing is
+        missing any more, and replaying its steps in order rebuilds the sticky attention set."""
+        self.attn_skipped = {}
+        self.measuring = False
 
     def observe(self, layer_stats: Sequence[SublayerStats], row: int = 0) -> None:
         """Feed the per-layer statistics of one measured decode step (row = this request's index
@@ -96,3 +113,4 @@ class RequestSkipState:
             if float(torch.tensor(sims).mean()) >= beta:
                 extra[layer] = float(torch.tensor(self._scale[layer]).mean())
         self.extra = SkipSet({}, extra)
+        self._extra_from = self.decode_steps
