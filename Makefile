@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast lint bench bench-engine bench-multiturn bench-adaskip clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# On a GPU node (a CUDA build of torch in the venv; nvcc to compile the kernels on first use).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/gpu
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
@@ -42,6 +46,9 @@ bench-multiturn: $(STAMP)
 
 bench-adaskip: $(STAMP)
 	$(PY) benchmarks/adaskip.py
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

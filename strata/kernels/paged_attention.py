@@ -1,7 +1,8 @@
 """Attention over the paged KV cache: the PyTorch reference (CPU and test oracle).
 
 Cache layout per layer: [num_blocks, block_size, kv_heads, head_dim]; a token's
-slot is block_id * block_size + offset.
+slot is block_id * block_size + offset. The functions run on any device; the model
+calls them through strata.kernels.ops, which uses the CUDA kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 def block_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """Slots of positions 0..length-1 of one sequence."""
-    pos = torch.arange(length)
+    pos = torch.arange(length, device=block_table.device)
     return block_table[pos // block_size] * block_size + pos % block_size
 
 
@@ -40,7 +41,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if n == s:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        mask = torch.ones(n, s, dtype=torch.bool).tril(diagonal=s - n)
+        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
 
@@ -59,7 +60,7 @@ def paged_decode_attention(
     """
     block_size = k_cache.shape[1]
     max_len = int(context_lens.max())
-    pos = torch.arange(max_len)
+    pos = torch.arange(max_len, device=q.device)
     slots = block_tables[:, pos // block_size] * block_size + pos % block_size
     k = gather_kv(k_cache, slots).transpose(1, 2)  # [B, kv_heads, L, d]
     v = gather_kv(v_cache, slots).transpose(1, 2)

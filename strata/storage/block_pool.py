@@ -1,10 +1,15 @@
-"""The device KV block pool: one tensor holding every layer's paged K and V, and a free list."""
+"""The device KV block pool: one tensor holding every layer's paged K and V, and a free list.
+
+It lives on STRATA_DEVICE unless given a device (see strata.kernels.device).
+"""
 
 from __future__ import annotations
 
 from collections import deque
 
 import torch
+
+from strata.kernels.device import default_device
 
 
 class BlockPool:
@@ -16,7 +21,7 @@ class BlockPool:
         block_size: int,
         num_blocks: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
     ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache holds no block: raise --kv-cache-gb")
@@ -24,7 +29,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K or V is one contiguous slab.
         self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
-                              device=device)
+                              device=device if device is not None else default_device())
         self._free: deque[int] = deque(range(num_blocks))
         self.bytes_per_token_block = self.kv[:, :, 0].numel() * self.kv.element_size()
 

@@ -58,6 +58,11 @@ Semantics the engine relies on:
 ``prefetches_issued``, ``prefetches_used`` (chunks), ``corrupt_chunks_discarded``,
 ``chunks_discarded_<reason>`` (checksum, fingerprint, truncated, format, stale, io),
 ``temp_files_removed``, ``saves_dropped``, ``load_errors``.
+
+On a GPU (the pool's device is CUDA) the DRAM tier is pinned host memory, loads run on a CUDA stream
+with one event per layer (``wait_layer`` makes the caller's stream wait on it, the host does not block
+on the copy) and saves copy to the host on a second stream; see :mod:`strata.storage.cuda_streams`.
+Elsewhere the same threads copy with plain tensor ops.
 """
 
 from __future__ import annotations
@@ -71,12 +76,14 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from strata.kernels.ops import copy_kv_slots
 from strata.storage.block_pool import BlockPool
 from strata.storage.chunk_file import (
     TEMP_MARK,
@@ -90,6 +97,7 @@ from strata.storage.chunk_file import (
     read_layer,
     write_temp,
 )
+from strata.storage.cuda_streams import CudaStreams, HostCopy
 from strata.storage.eviction import POLICIES, eviction_order
 from strata.storage.load_handle import KVLoadError, LoadHandle
 from strata.storage.reencode import drop_and_reposition, drop_tokens
@@ -140,6 +148,8 @@ class KVStore:
         self.token_bytes = self.layout.layer_bytes(1) * layers
         self._readahead = readahead_layers or layers
         self._slots_view = pool.kv.view(layers, 2, num_blocks * block_size, heads, dim)
+        self._streams = CudaStreams(pool.kv.device) if pool.kv.is_cuda else None
+        self._pin = self._streams is not None  # pinned DRAM chunks: async DMA, readable by the copy kernel
 
         self._lock = threading.Lock()
         self._entries: dict[str, SessionEntry] = {}
@@ -253,11 +263,15 @@ class KVStore:
         handle = LoadHandle(session_key, num_tokens, self.num_layers, self._readahead)
         self._handles.add(handle)
         slots = _slots(block_table, 0, num_tokens, self.pool.block_size).to(self.pool.kv.device)
-        self._loads.put(lambda: self._run_load(handle, entry, pieces, slots))
+        after = self._streams.mark() if self._streams is not None else None  # the blocks' earlier users
+        self._loads.put(lambda: self._run_load(handle, entry, pieces, slots, after))
         return handle
 
     def wait_layer(self, handle: LoadHandle, layer: int, timeout: float | None = None) -> None:
         stalled = handle.wait(layer, timeout)
+        event = handle.event(layer)
+        if event is not None and self._streams is not None:
+            self._streams.wait(event)
         with self._lock:
             self._counters["load_stall_seconds"] += stalled
 
@@ -268,10 +282,11 @@ class KVStore:
             return
         slots = _slots(block_table, start, end, self.pool.block_size).to(self.pool.kv.device)
         kv = self._slots_view[:, :, slots]  # a copy: the blocks may be freed as soon as we return
+        pending: torch.Tensor | HostCopy = kv if self._streams is None else self._streams.to_host(kv)
         ids = list(token_ids[:end])
         with self._lock:
             self._entry_locked(session_key).pending_saves += 1
-        self._saves.put(lambda: self._apply_save(session_key, ids, start, kv))
+        self._saves.put(lambda: self._apply_save(session_key, ids, start, pending))
 
     def finish(self, session_key: str, token_ids: list[int]) -> None:
         self._check_open()
@@ -421,8 +436,8 @@ class KVStore:
         with self._lock:
             self._maybe_expire_locked(time.time())
 
-    def _apply_save(self, key: str, ids: list[int], start: int, kv: torch.Tensor) -> None:
-        kv = kv.to("cpu")
+    def _apply_save(self, key: str, ids: list[int], start: int, pending: torch.Tensor | HostCopy) -> None:
+        kv = pending.wait() if isinstance(pending, HostCopy) else pending.to("cpu")
         with self._lock:
             entry = self._entry_locked(key)
             entry.pending_saves = max(0, entry.pending_saves - 1)
@@ -534,13 +549,13 @@ class KVStore:
             start = len(entry.tokens)
             cap = min(self.chunk_tokens, max(take, _MIN_CAPACITY))
             target = Chunk(index=len(entry.chunks), start=start)
-            target.dram = torch.empty((self.num_layers, 2, cap, *kv.shape[3:]), dtype=kv.dtype)
+            target.dram = torch.empty((self.num_layers, 2, cap, *kv.shape[3:]), dtype=kv.dtype, pin_memory=self._pin)
             entry.chunks.append(target)
             self._dram_used += target.dram.nbytes
         assert target.dram is not None
         if target.n + take > target.dram.shape[2]:
             new_cap = min(self.chunk_tokens, max(target.n + take, 2 * target.dram.shape[2]))
-            grown = torch.empty((self.num_layers, 2, new_cap, *kv.shape[3:]), dtype=kv.dtype)
+            grown = torch.empty((self.num_layers, 2, new_cap, *kv.shape[3:]), dtype=kv.dtype, pin_memory=self._pin)
             grown[:, :, :target.n] = target.dram[:, :, :target.n]
             self._dram_used += grown.nbytes - target.dram.nbytes
             target.dram = grown  # a loader holding the old tensor still reads valid [:n]
@@ -710,6 +725,8 @@ class KVStore:
                 data = self._read_chunk(chunk, path, n)
             except (ChunkError, OSError):
                 return
+            if self._pin:
+                data = data.pin_memory()
             with self._lock:
                 if (self._entries.get(key) is not entry or chunk.dram is not None or chunk.version != version
                         or self._dram_used + data.nbytes > self.dram_bytes):
@@ -755,33 +772,35 @@ class KVStore:
 
     # ------------------------------------------------------------------ loads
 
-    def _run_load(self, handle: LoadHandle, entry: SessionEntry, pieces: list[_Piece],
-                  slots: torch.Tensor) -> None:
+    def _run_load(self, handle: LoadHandle, entry: SessionEntry, pieces: list[_Piece], slots: torch.Tensor,
+                  after: torch.cuda.Event | None) -> None:
         t0 = time.perf_counter()
         loaded = Counter[str]()
         current: _Piece | None = None
+        streams = self._streams
         try:
             headers = {}
             for p in pieces:
                 if p.fd is not None:
                     current = p
                     headers[id(p)] = read_header(p.fd, self.layout, os.fstat(p.fd).st_size)
-            for layer in range(self.num_layers):
-                if not handle.wait_room(layer):
-                    return
-                dst = self._slots_view[layer]
-                for p in pieces:
-                    current = p
-                    if p.dram is not None:
-                        data = p.dram[layer, :, :p.count]
-                        loaded["dram"] += data.nbytes
-                    else:
-                        assert p.fd is not None
-                        header, offset = headers[id(p)]
-                        data = read_layer(p.fd, header, offset, self.layout, layer)[:, :p.count]
-                        loaded["ssd"] += data.nbytes
-                    dst.index_copy_(1, slots[p.start:p.start + p.count], data.to(dst.device))
-                handle.mark_ready(layer)
+            with streams.loading(after) if streams is not None and after is not None else nullcontext():
+                for layer in range(self.num_layers):
+                    if not handle.wait_room(layer):
+                        return
+                    dst = self._slots_view[layer]
+                    for p in pieces:
+                        current = p
+                        if p.dram is not None:
+                            data = p.dram[layer, :, :p.count]
+                            loaded["dram"] += data.nbytes
+                        else:
+                            assert p.fd is not None
+                            header, offset = headers[id(p)]
+                            data = read_layer(p.fd, header, offset, self.layout, layer)[:, :p.count]
+                            loaded["ssd"] += data.nbytes
+                        copy_kv_slots(dst, slots[p.start:p.start + p.count], data, None)
+                    handle.mark_ready(layer, streams.layer_loaded() if streams is not None else None)
         except ChunkError as e:
             assert current is not None and current.fd is not None
             self._discard_corrupt(current.chunk, current.fd, e)
@@ -794,6 +813,8 @@ class KVStore:
                 self._counters["load_errors"] += 1
             raise
         finally:
+            if streams is not None:
+                streams.finish_loads()  # the pinned sources must outlive the copies reading them
             _close_fds(pieces)
             with self._lock:
                 entry.active_loads -= 1

@@ -1,9 +1,14 @@
-"""A layer-by-layer load in flight: the loader marks layers ready, the runner waits for them."""
+"""A layer-by-layer load in flight: the loader marks layers ready, the runner waits for them.
+
+On a GPU a layer is "ready" once its copies are queued on the load stream; the event recorded after
+them is kept here, and the runner's stream waits on it (see strata.storage.cuda_streams).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 
 class KVLoadError(RuntimeError):
@@ -21,6 +26,7 @@ class LoadHandle:
         self._consumed = -1  # highest layer the runner asked for
         self._error: Exception | None = None
         self._cancelled = False
+        self._events: list[Any] = [None] * num_layers  # per layer: a torch.cuda.Event on a GPU, else None
         self.stalled_s = 0.0
 
     @property
@@ -48,10 +54,16 @@ class LoadHandle:
                 self._cond.wait()
             return not self._cancelled
 
-    def mark_ready(self, layer: int) -> None:
+    def mark_ready(self, layer: int, event: Any = None) -> None:
         with self._cond:
+            self._events[layer] = event
             self._ready = layer + 1
             self._cond.notify_all()
+
+    def event(self, layer: int) -> Any:
+        """What the runner's stream must wait for before reading ``layer`` (None: nothing, it is in)."""
+        with self._cond:
+            return self._events[layer]
 
     def fail(self, error: Exception) -> None:
         with self._cond:

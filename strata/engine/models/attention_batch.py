@@ -32,8 +32,8 @@ class AttentionBatch:
         Used when only some rows run a layer's attention (sublayer skipping): a prefill
         slice must be kept or dropped whole, since its tokens attend to each other.
         """
-        new_index = torch.full((self.slots.shape[0],), -1, dtype=torch.long)
-        new_index[rows] = torch.arange(rows.shape[0])
+        new_index = torch.full((self.slots.shape[0],), -1, dtype=torch.long, device=self.slots.device)
+        new_index[rows] = torch.arange(rows.shape[0], device=self.slots.device)
         prefills = []
         for p in self.prefills:
             kept = new_index[p.start : p.end] >= 0
@@ -50,6 +50,28 @@ class AttentionBatch:
             decode_block_tables=self.decode_block_tables[keep_decode],
             decode_context_lens=self.decode_context_lens[keep_decode],
         )
+
+    def to(self, device: torch.device) -> AttentionBatch:
+        """The same batch with its index tensors on `device`."""
+        return AttentionBatch(
+            slots=self.slots.to(device),
+            prefills=[PrefillSlice(p.start, p.end, p.history, _to(p.context_slots, device)) for p in self.prefills],
+            decode_rows=self.decode_rows.to(device),
+            decode_block_tables=self.decode_block_tables.to(device),
+            decode_context_lens=self.decode_context_lens.to(device),
+        )
+
+
+def _to(t: torch.Tensor | None, device: torch.device,
+        moved: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """`t` on `device`; with `moved`, a tensor shared by several owners is moved once and stays shared."""
+    if t is None:
+        return None
+    if moved is None:
+        return t.to(device)
+    if id(t) not in moved:
+        moved[id(t)] = t.to(device)
+    return moved[id(t)]
 
 
 @dataclass
@@ -80,6 +102,10 @@ class SublayerStats:
     sim_ffn: torch.Tensor
     scale_ffn: torch.Tensor
 
+    def to(self, device: torch.device) -> SublayerStats:
+        return SublayerStats(self.sim_attn.to(device), self.scale_attn.to(device), self.sim_ffn.to(device),
+                             self.scale_ffn.to(device))
+
 
 @dataclass
 class SkipPlan:
@@ -92,3 +118,10 @@ class SkipPlan:
     layers: list[LayerSkip]
     measure_rows: torch.Tensor | None = None
     stats: list[SublayerStats] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> SkipPlan:
+        """The plan's tensors on `device`; `stats` stays the caller's list (the forward appends to it)."""
+        moved: dict[int, torch.Tensor] = {}  # layers share row tensors: keep them shared
+        layers = [LayerSkip(_to(ls.attn_rows, device, moved), _to(ls.attn_scale, device, moved),
+                            _to(ls.ffn_rows, device, moved), _to(ls.ffn_scale, device, moved)) for ls in self.layers]
+        return SkipPlan(layers, _to(self.measure_rows, device, moved), self.stats)

@@ -18,12 +18,9 @@ from safetensors.torch import load_file
 
 from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, SkipPlan, SublayerStats
 from strata.engine.models.config import ModelConfig
-from strata.kernels.paged_attention import (
-    gather_kv,
-    paged_decode_attention,
-    prefill_attention,
-    write_kv,
-)
+from strata.kernels.device import default_device
+from strata.kernels.ops import paged_decode_attention, prefill_attention, prepare, write_kv
+from strata.kernels.paged_attention import gather_kv
 from strata.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 
 
@@ -50,22 +47,26 @@ class LlamaLayer:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.dtype = dtype
-        w = {k: v.to(dtype) for k, v in weights.items()}
+        self.device = torch.device(device)
+        prepare(self.device)  # on a GPU: build or load the kernels now, log the attention backends
+        w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
         self.norm = w["model.norm.weight"]
         self.layers = [LlamaLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype)
+        self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype).to(self.device)
         self.scale = cfg.head_dim**-0.5
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
 
     @classmethod
-    def load(cls, model_dir: Path, dtype: torch.dtype) -> LlamaModel:
+    def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> LlamaModel:
+        """Weights onto `device` (default: STRATA_DEVICE, see strata.kernels.device)."""
         cfg = ModelConfig.from_dir(model_dir)
         weights: dict[str, torch.Tensor] = {}
         files = sorted(model_dir.glob("*.safetensors"))
@@ -73,7 +74,7 @@ class LlamaModel:
             raise FileNotFoundError(f"no .safetensors files in {model_dir}")
         for f in files:
             weights.update(load_file(str(f)))
-        return cls(cfg, weights, dtype)
+        return cls(cfg, weights, dtype, device if device is not None else default_device())
 
     def forward(
         self,
@@ -90,6 +91,9 @@ class LlamaModel:
         `before_layer(i)` runs before layer i reads the cache: it waits for history KV still loading.
         """
         cfg = self.cfg
+        if input_ids.device != self.device:  # the runner builds its index tensors in host memory
+            input_ids, positions, batch = input_ids.to(self.device), positions.to(self.device), batch.to(self.device)
+            skip = skip.to(self.device) if skip is not None else None
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos_sin[positions].unbind(1)
         if skip is not None:
@@ -147,7 +151,7 @@ class LlamaModel:
                     ar = a[rows]
                     x[rows] = ar + self._mlp(rms_norm(ar, layer.mlp_norm, cfg.rms_norm_eps), layer)
             if skip.measure_rows is not None:
-                skip.stats.append(self._io_stats(x_in, a, x, ls, skip.measure_rows))
+                skip.stats.append(self._io_stats(x_in, a, x, ls, skip.measure_rows).to(torch.device("cpu")))
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
 
     @staticmethod
@@ -177,7 +181,7 @@ class LlamaModel:
         return stats
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return F.linear(hidden, self.lm_head).float().cpu()  # sampling runs on the host (a no-op on CPU)
 
     def _attention(
         self,
