@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="S=4 sessions x T=4 turns with smaller tiers")
     ap.add_argument("--sessions", type=int, default=None, help="concurrent sessions S (default 8, --quick 4)")
     ap.add_argument("--turns", type=int, default=None, help="turns per session T (default 6, --quick 4)")
-    ap.add_argument("--think", type=float, default=1.0, help="mean think time between a session's turns (s)")
+    ap.add_argument("--think", type=float, default=8.0, help="mean think time between a session's turns (s)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="server running batch (default 4, --quick 2; "
                     "fewer than the sessions: requests queue when many are ready at once)")
     ap.add_argument("--max-tokens", type=int, default=32, help="answer length bound")

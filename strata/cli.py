@@ -31,7 +31,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests beyond this are refused with 503 and Retry-After")
     p.add_argument("--no-session-cache", action="store_true",
-                   help="turn session KV reuse off: every turn recomputes its history")
+                   help="turn KV reuse off (session tiers and the device prefix cache): every request "
+                        "recomputes its whole prompt")
     p.add_argument("--dram-kv-gb", type=float, default=1.0, help="host-memory (DRAM) tier for session KV, in GiB")
     p.add_argument("--ssd-dir", default=None,
                    help="directory of the SSD tier (chunk files that survive restarts); unset: no SSD tier")
@@ -53,6 +54,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="where skipping applies unless a request says: prefill, decode, or both (e2e)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and KV cache dtype (float32 on CPU)")
+    p.add_argument("--device", default=os.environ.get("STRATA_DEVICE", "cpu"),
+                   help="where the model and the KV cache live: cpu, cuda or cuda:N (env STRATA_DEVICE)")
     p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (comma-separated keys = tenants; "
                         "env STRATA_API_KEY)")
@@ -71,7 +74,8 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = ServerSettings(
         engine=EngineConfig(
-            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+            model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+            kv_cache_gb=args.kv_cache_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, session_cache=not args.no_session_cache, dram_kv_gb=args.dram_kv_gb,
             ssd_dir=args.ssd_dir, ssd_kv_gb=args.ssd_kv_gb, eviction_policy=args.eviction_policy,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class EngineConfig:
     model: str = "default"
     dtype: str = "float32"
+    device: str | None = None  # "cpu", "cuda", "cuda:N"; None: STRATA_DEVICE, else cpu
     max_model_len: int | None = None  # default: the model's context length
     kv_cache_gb: float = 1.0
     block_size: int = 16

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class KVReuse:
-    def __init__(self, cache: DeviceCache, store: KVStore | None) -> None:
+    def __init__(self, cache: DeviceCache, store: KVStore | None, enabled: bool = True) -> None:
         self.cache = cache
         self.store = store
+        self.enabled = enabled  # off: every request recomputes its whole prompt (the recompute baseline)
         self.hits: Counter[str] = Counter()  # by tier, "none" for misses
         self.tokens_reused: Counter[str] = Counter()
         self.load_failures = 0
@@ -39,6 +40,8 @@ class KVReuse:
 
     def cache_key(self, seq: Sequence) -> str | None:
         """The session key, or for requests without one a key from their first block of tokens."""
+        if not self.enabled:
+            return None
         if seq.request.session_key:
             return seq.request.session_key
         bs = self.cache.pool.block_size

@@ -21,6 +21,7 @@ from strata.engine.skip_setup import SkipRejected, SkipSetup
 from strata.engine.stats import EngineStats
 from strata.engine.tokenizer import Tokenizer
 from strata.engine.weights.model_files import ModelFiles, resolve_model
+from strata.kernels.device import default_device, resolve_device
 from strata.storage.block_pool import BlockPool
 from strata.storage.device_cache import DeviceCache
 from strata.storage.kv_store import KVStore
@@ -40,7 +41,8 @@ class LLMEngine:
         self.files: ModelFiles = resolve_model(config.model)
         dtype = DTYPES[config.dtype]
         t0 = time.monotonic()
-        self.model = LlamaModel.load(self.files.directory, dtype)
+        device = resolve_device(config.device) if config.device is not None else default_device()
+        self.model = LlamaModel.load(self.files.directory, dtype, device)
         self.tokenizer = Tokenizer(self.files.directory)
         cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
@@ -48,9 +50,9 @@ class LLMEngine:
         per_block = BlockPool.bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                               config.block_size, dtype)
         self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
-                              int(config.kv_cache_gb * 2**30) // per_block, dtype)
+                              int(config.kv_cache_gb * 2**30) // per_block, dtype, device)
         self.store = self._open_store(config) if config.session_cache else None
-        self.reuse = KVReuse(DeviceCache(self.pool), self.store)
+        self.reuse = KVReuse(DeviceCache(self.pool), self.store, enabled=config.session_cache)
         self.scheduler = Scheduler(config, self.pool, self.reuse)
         self.runner = ModelRunner(self.model, self.pool, self.store)
         self.stats = EngineStats()

@@ -1,7 +1,7 @@
-"""Where the model and the KV block pool live: ``STRATA_DEVICE`` ("cpu" unless set; "cuda" or "cuda:N" on a GPU).
+"""Where the model and the KV block pool live: "cpu", "cuda" or "cuda:N".
 
-An environment variable rather than a flag so that every entry point (the server, the benchmarks, the tests,
-the container) picks the same device without each of them passing it through.
+`strata serve --device` chooses it; its default, and the default of every other entry point (the
+benchmarks, the tests, the container), is the environment variable ``STRATA_DEVICE`` ("cpu" unless set).
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import torch
 
 
 def default_device() -> torch.device:
-    device = torch.device(os.environ.get("STRATA_DEVICE", "cpu"))
+    return resolve_device(os.environ.get("STRATA_DEVICE", "cpu"))
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"STRATA_DEVICE={device} but no CUDA GPU is visible (is torch a CUDA build?)")
+            raise RuntimeError(f"device {device} asked for, but no CUDA GPU is visible (is torch a CUDA build?)")
         if device.index is None:  # an explicit index, so tensors' devices compare equal
             device = torch.device("cuda", torch.cuda.current_device())
     return device

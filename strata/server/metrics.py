@@ -95,6 +95,11 @@ def _tier_metrics(e: LLMEngine) -> Iterator[Metric]:
     load.add_metric(["overlapped"], st.get("load_overlap_seconds", 0.0))
     load.add_metric(["stalled"], st.get("load_stall_seconds", 0.0))
     yield load
+    stall = CounterMetricFamily("strata_kv_load_stall_seconds", "Time the runner waited for a history KV layer, "
+                                "by the slowest tier the load read from", labels=["tier"])
+    for tier in ("dram", "ssd"):
+        stall.add_metric([tier], st.get(f"load_stall_seconds_{tier}", 0.0))
+    yield stall
     yield CounterMetricFamily("strata_kv_prefetches_issued", "SSD -> DRAM prefetches issued",
                               value=st.get("prefetches_issued", 0.0))
     yield CounterMetricFamily("strata_kv_prefetches_used", "Prefetched chunks later loaded",

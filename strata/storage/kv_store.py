@@ -52,7 +52,8 @@ Semantics the engine relies on:
 ``stats()`` keys (flat, for Prometheus): ``lookups_hit_dram``, ``lookups_hit_ssd``,
 ``lookups_miss``, ``tokens_reused_{dram,ssd}`` (counted at ``start_load``),
 ``bytes_loaded_{dram,ssd}``, ``bytes_saved_{dram,ssd}``, ``load_seconds`` (loader busy),
-``load_stall_seconds`` (runner blocked in ``wait_layer``), ``load_overlap_seconds``,
+``load_stall_seconds`` (runner blocked in ``wait_layer``; split by the slowest tier a load reads
+from as ``load_stall_seconds_{dram,ssd}``), ``load_overlap_seconds``,
 ``evictions_{dram,ssd}`` (DRAM: chunks, SSD: sessions), ``expirations``,
 ``occupancy_bytes_{dram,ssd}``, ``capacity_bytes_{dram,ssd}``, ``sessions``,
 ``prefetches_issued``, ``prefetches_used`` (chunks), ``corrupt_chunks_discarded``,
@@ -261,6 +262,8 @@ class KVStore:
             entry.active_loads += 1
             entry.last_used = time.time()
         handle = LoadHandle(session_key, num_tokens, self.num_layers, self._readahead)
+        # Stalls are charged to the slowest tier the load reads from.
+        handle.tier = "dram" if all(p.dram is not None for p in pieces) else "ssd"
         self._handles.add(handle)
         slots = _slots(block_table, 0, num_tokens, self.pool.block_size).to(self.pool.kv.device)
         after = self._streams.mark() if self._streams is not None else None  # the blocks' earlier users
@@ -274,6 +277,7 @@ class KVStore:
             self._streams.wait(event)
         with self._lock:
             self._counters["load_stall_seconds"] += stalled
+            self._counters[f"load_stall_seconds_{handle.tier}"] += stalled
 
     def save(self, session_key: str, token_ids: list[int], block_table: list[int], start: int,
              end: int) -> None:
@@ -371,7 +375,8 @@ class KVStore:
             out: dict[str, float] = {k: float(v) for k, v in self._counters.items()}
             for name in ("lookups_hit_dram", "lookups_hit_ssd", "lookups_miss", "tokens_reused_dram",
                          "tokens_reused_ssd", "bytes_loaded_dram", "bytes_loaded_ssd", "bytes_saved_dram",
-                         "bytes_saved_ssd", "load_seconds", "load_stall_seconds", "evictions_dram",
+                         "bytes_saved_ssd", "load_seconds", "load_stall_seconds", "load_stall_seconds_dram",
+                         "load_stall_seconds_ssd", "evictions_dram",
                          "evictions_ssd", "expirations", "prefetches_issued", "prefetches_used",
                          "corrupt_chunks_discarded", "temp_files_removed", "saves_dropped", "load_errors"):
                 out.setdefault(name, 0.0)

@@ -28,6 +28,7 @@ class LoadHandle:
         self._cancelled = False
         self._events: list[Any] = [None] * num_layers  # per layer: a torch.cuda.Event on a GPU, else None
         self.stalled_s = 0.0
+        self.tier = "dram"  # the slowest tier the load reads from: "dram" or "ssd"
 
     @property
     def ready_layers(self) -> int:
