@@ -21,7 +21,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import pydoc
 import re
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 from transformers.generation.streamers import BaseStreamer
 
 from strata.engine.config import EngineConfig
@@ -279,16 +279,6 @@ def measure(
                 results[name].append(tps)
                 CONTENTION.append(others)
     return {name: statistics.median(v) for name, v in results.items()}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt(v: float | None, unit: str = "") -> str:
