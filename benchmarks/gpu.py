@@ -35,6 +35,7 @@ import torch
 
 from strata.kernels import cuda_ext, ops, paged_attention
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,19 +126,19 @@ def h2d_rate(flush: L2Flush) -> float:
 
 def tier_load_rates(tokens: int, ssd_dir: Path) -> dict[str, float]:
     """Fill a session through the save path, then time loads into fresh device blocks: DRAM, then SSD."""
-    pool = BlockPool(LAYERS, KV_HEADS, DIM, BLOCK, 2 * tokens // BLOCK + 8, DTYPE, device="cuda")
+    pool = BlockPool(LAYERS, KV_HEADS, DIM, BLOCK, LAYERS * (2 * tokens // BLOCK + 8), DTYPE, device="cuda")
     pool.kv.normal_()
     token_bytes = LAYERS * 2 * KV_HEADS * DIM * pool.kv.element_size()
     budget = 2 * tokens * token_bytes
     ids = list(range(tokens + 1))
-    src = pool.allocate(tokens // BLOCK)
+    src = BlockTable.allocate(pool, tokens)
     store = KVStore(pool, model_fingerprint="bench", dram_bytes=budget, ssd_dir=ssd_dir, ssd_bytes=4 * budget)
     store.save("s", ids, src, 0, tokens)
     store.finish("s", ids)
     store.flush()
 
     def timed_load(s: KVStore) -> float:
-        dst = pool.allocate(tokens // BLOCK)
+        dst = BlockTable.allocate(pool, tokens)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         handle = s.start_load("s", tokens, dst)
@@ -145,11 +146,9 @@ def tier_load_rates(tokens: int, ssd_dir: Path) -> dict[str, float]:
             s.wait_layer(handle, layer, timeout=120)
         torch.cuda.synchronize()  # the runner's stream waited on the last layer's event
         elapsed = time.perf_counter() - t0
-        view = pool.kv.view(LAYERS, 2, -1, KV_HEADS, DIM)
-        want = view[:, :, paged_attention.block_slots(torch.tensor(src), tokens, BLOCK).cuda()]
-        got = view[:, :, paged_attention.block_slots(torch.tensor(dst), tokens, BLOCK).cuda()]
+        want, got = pool.read(src.slots(BLOCK, 0, tokens)), pool.read(dst.slots(BLOCK, 0, tokens))
         assert torch.equal(got, want), "loaded KV differs from what was saved"
-        pool.free(dst)
+        dst.release(pool)
         return tokens * token_bytes / elapsed
 
     assert store.lookup("s", ids) == (tokens, "dram")

@@ -151,8 +151,14 @@ def test_online_step_on_the_real_model(model, profile, prompt):
 
 
 def _paged(model, n_blocks: int) -> torch.Tensor:
+    """A block pool with n_blocks blocks of 16 tokens per layer; layer l owns blocks l * n_blocks.."""
     cfg = model.cfg
-    return torch.zeros(cfg.num_hidden_layers, 2, n_blocks, 16, cfg.num_key_value_heads, cfg.head_dim)
+    return torch.zeros(2, cfg.num_hidden_layers * n_blocks, 16, cfg.num_key_value_heads, cfg.head_dim)
+
+
+def _layer_blocks(model, n_blocks: int) -> torch.Tensor:
+    """[layers, 1]: the first block of each layer in _paged(model, n_blocks)."""
+    return torch.arange(model.cfg.num_hidden_layers)[:, None] * n_blocks
 
 
 def _alone(model, ids, skip, next_token):
@@ -168,10 +174,11 @@ def test_mixed_batch_matches_each_alone(model, profile, prompt):
     skip = make_policy("adaskip", BUDGET, layers, profile).fixed
     a_ids, b_ids = prompt[:40], prompt[40:96]
     na, nb = len(a_ids), len(b_ids)
-    kv = _paged(model, 16)
-    a_slots, b_slots = torch.arange(na), 128 + torch.arange(nb)  # A in blocks 0-7, B in 8-15
-    batch = AttentionBatch(torch.cat([a_slots, b_slots]), [PrefillSlice(0, na, 0, None),
-                           PrefillSlice(na, na + nb, 0, None)], NONE, torch.zeros(0, 1, dtype=torch.long), NONE)
+    kv, first = _paged(model, 16), _layer_blocks(model, 16)
+    a_slots, b_slots = torch.arange(na), 128 + torch.arange(nb)  # A in a layer's blocks 0-7, B in 8-15
+    batch = AttentionBatch(first * 16 + torch.cat([a_slots, b_slots]), [PrefillSlice(0, na, 0, None),
+                           PrefillSlice(na, na + nb, 0, None)], NONE, torch.zeros(layers, 0, 1, dtype=torch.long),
+                           NONE)
     plan = build_skip_plan(na + nb, layers, [(torch.arange(na), skip), (torch.arange(na, na + nb), None)])
     with torch.inference_mode():
         hidden = model.forward(torch.tensor(a_ids + b_ids), torch.cat([torch.arange(na), torch.arange(nb)]),
@@ -179,8 +186,8 @@ def test_mixed_batch_matches_each_alone(model, profile, prompt):
         pre = model.logits(hidden[[na - 1, na + nb - 1]])
     ta, tb = int(pre[0].argmax()), int(pre[1].argmax())
     # One decode step for both, in the other order (B's row first).
-    tables = torch.stack([torch.arange(8, 16), torch.arange(0, 8)])
-    batch = AttentionBatch(torch.tensor([128 + nb, na]), [], torch.tensor([0, 1]), tables,
+    tables = first[:, None] + torch.stack([torch.arange(8, 16), torch.arange(0, 8)])
+    batch = AttentionBatch(first * 16 + torch.tensor([128 + nb, na]), [], torch.tensor([0, 1]), tables,
                            torch.tensor([nb + 1, na + 1]))
     plan = build_skip_plan(2, layers, [(torch.tensor([1]), skip), (torch.tensor([0]), None)])
     with torch.inference_mode():
@@ -203,11 +210,12 @@ def test_skipped_attention_writes_no_kv(model, prompt):
     n = 40
     run.prefill(prompt[:n], skip)
     run.decode(prompt[n], skip)
-    touched = run.kv.view(layers, 2, -1, *run.kv.shape[-2:])[:, :, : n + 1]
+    per_layer = run.kv.view(2, layers, -1, *run.kv.shape[-2:]).transpose(0, 1)  # layer l owns its blocks
+    touched = per_layer[:, :, : n + 1]
     for layer in range(layers):
         untouched = bool((touched[layer] == 7.0).all())
         assert untouched == (layer in skip.attn), layer
-    assert bool((run.kv.view(layers, 2, -1, *run.kv.shape[-2:])[:, :, n + 1 :] == 7.0).all())
+    assert bool((per_layer[:, :, n + 1 :] == 7.0).all())
 
 
 def test_layer_skip_of_empty_row_set_scales_only(model, prompt):
@@ -219,8 +227,8 @@ def test_layer_skip_of_empty_row_set_scales_only(model, prompt):
         ls = [LayerSkip() for _ in range(layers)]
         ls[layers - 1] = LayerSkip(ffn_rows=NONE, ffn_scale=torch.full((8,), scale))
         plans.append(SkipPlan(ls))
-    batch = AttentionBatch(torch.arange(8), [PrefillSlice(0, 8, 0, None)], NONE,
-                           torch.zeros(0, 1, dtype=torch.long), NONE)
+    batch = AttentionBatch(_layer_blocks(model, 1) * 16 + torch.arange(8), [PrefillSlice(0, 8, 0, None)], NONE,
+                           torch.zeros(layers, 0, 1, dtype=torch.long), NONE)
     with torch.inference_mode():
         h1 = model.forward(torch.tensor(ids), torch.arange(8), batch, _paged(model, 1), plans[0])
         h2 = model.forward(torch.tensor(ids), torch.arange(8), batch, _paged(model, 1), plans[1])

@@ -13,6 +13,7 @@ from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, Pref
 from strata.kernels import cuda_ext, kv_copy, ops, paged_attention, prefill_gpu
 from strata.kernels.device import default_device
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVStore
 from strata.storage.load_handle import LoadHandle
 
@@ -124,8 +125,8 @@ def test_batch_and_skip_plan_move_together():
     assert moved.stats is plan.stats  # the forward appends to the caller's list
     assert all(ls.attn_rows is moved.layers[0].attn_rows is ls.ffn_rows for ls in moved.layers)
     assert moved.layers[0].attn_rows.device.type == "meta"
-    batch = AttentionBatch(torch.arange(3), [PrefillSlice(0, 2, 4, torch.arange(6))], torch.tensor([2]),
-                           torch.zeros(1, 2, dtype=torch.long), torch.tensor([5]))
+    batch = AttentionBatch(torch.arange(6).view(2, 3), [PrefillSlice(0, 2, 4, torch.arange(12).view(2, 6))],
+                           torch.tensor([2]), torch.zeros(2, 1, 2, dtype=torch.long), torch.tensor([5]))
     b = batch.to(torch.device("meta"))
     assert b.prefills[0].context_slots.device.type == "meta" and b.decode_block_tables.device.type == "meta"
     assert (b.prefills[0].start, b.prefills[0].end, b.prefills[0].history) == (0, 2, 4)
@@ -135,6 +136,8 @@ def test_device_comes_from_strata_device(monkeypatch):
     monkeypatch.delenv("STRATA_DEVICE", raising=False)
     assert default_device() == torch.device("cpu")
     assert BlockPool(1, 1, 8, 16, 2, torch.float32).kv.device.type == "cpu"
+    with pytest.raises(ValueError, match="less than one block per layer"):
+        BlockPool(3, 1, 8, 16, 2, torch.float32)
     if not torch.cuda.is_available():
         monkeypatch.setenv("STRATA_DEVICE", "cuda")
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
@@ -172,13 +175,13 @@ def test_load_handle_keeps_one_event_per_layer():
 def test_tier_load_puts_the_same_kv_into_new_blocks(tmp_path, tier):
     """Save KV from some blocks, load it layer by layer into others: byte-identical, every layer."""
     gen = torch.Generator().manual_seed(7)
-    pool = BlockPool(3, 2, 16, 8, 24, torch.float16, device="cpu")
+    pool = BlockPool(3, 2, 16, 8, 3 * 24, torch.float16, device="cpu")
     pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen).to(torch.float16))
     store = KVStore(pool, model_fingerprint="fp", dram_bytes=1 << 20, ssd_dir=tmp_path, ssd_bytes=1 << 24,
                     chunk_tokens=16)
     try:
         ids = list(range(100, 140))
-        src_blocks = pool.allocate(5)
+        src_blocks = BlockTable.allocate(pool, 40)
         store.save("s", ids, src_blocks, 0, 40)
         store.finish("s", ids)
         store.flush()
@@ -188,15 +191,12 @@ def test_tier_load_puts_the_same_kv_into_new_blocks(tmp_path, tier):
                     store._evict_dram_chunk_locked(store._entries["s"], chunk)
         hit = store.lookup("s", ids + [1])
         assert hit == (40, tier)
-        dst_blocks = pool.allocate(5)
-        pool.kv[:, :, torch.tensor(dst_blocks)] = float("nan")
+        dst_blocks = BlockTable.allocate(pool, 40)
+        pool.kv[:, torch.tensor(dst_blocks.blocks())] = float("nan")
         handle = store.start_load("s", 40, dst_blocks)
         for layer in range(3):
             store.wait_layer(handle, layer, timeout=30)
             assert handle.event(layer) is None  # on CPU there is no stream to wait on
-        view = pool.kv.view(3, 2, -1, 2, 16)
-        src = paged_attention.block_slots(torch.tensor(src_blocks), 40, 8)
-        dst = paged_attention.block_slots(torch.tensor(dst_blocks), 40, 8)
-        same(view[:, :, dst], view[:, :, src])
+        same(pool.read(dst_blocks.slots(8, 0, 40)), pool.read(src_blocks.slots(8, 0, 40)))
     finally:
         store.close()

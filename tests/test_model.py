@@ -19,23 +19,24 @@ def contiguous_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     cfg = model.cfg
     n = len(ids)
     block = 16
-    blocks = -(-n // block)
-    kv = torch.zeros(cfg.num_hidden_layers, 2, blocks, block, cfg.num_key_value_heads, cfg.head_dim,
-                     dtype=model.dtype)
-    batch = AttentionBatch(torch.arange(n), [PrefillSlice(0, n, 0, None)], EMPTY, torch.zeros(0, 1, dtype=torch.long),
-                           EMPTY)
+    layers, blocks = cfg.num_hidden_layers, -(-n // block)
+    kv = torch.zeros(2, layers * blocks, block, cfg.num_key_value_heads, cfg.head_dim, dtype=model.dtype)
+    slots = torch.arange(layers)[:, None] * blocks * block + torch.arange(n)  # layer l owns blocks l * blocks..
+    batch = AttentionBatch(slots, [PrefillSlice(0, n, 0, None)], EMPTY,
+                           torch.zeros(layers, 0, 1, dtype=torch.long), EMPTY)
     with torch.inference_mode():
         return model.logits(model.forward(torch.tensor(ids), torch.arange(n), batch, kv))
 
 
 def paged_logits(model: LlamaModel, ids: list[int], chunk: int) -> torch.Tensor:
-    """The same sequence in prefill chunks and then single-token decode steps, over shuffled blocks."""
+    """The same sequence in prefill chunks and then single-token decode steps, over shuffled blocks that
+    differ per layer."""
     cfg = model.cfg
-    n, block = len(ids), 4
-    num_blocks = -(-n // block) + 3
-    kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block, cfg.num_key_value_heads, cfg.head_dim,
-                     dtype=model.dtype)
-    table = torch.randperm(num_blocks)[: -(-n // block)]
+    n, block, layers = len(ids), 4, cfg.num_hidden_layers
+    used = -(-n // block)
+    num_blocks = layers * (used + 3)
+    kv = torch.zeros(2, num_blocks, block, cfg.num_key_value_heads, cfg.head_dim, dtype=model.dtype)
+    table = torch.randperm(num_blocks)[: layers * used].view(layers, used)
     out = []
     pos = 0
     with torch.inference_mode():
@@ -43,14 +44,14 @@ def paged_logits(model: LlamaModel, ids: list[int], chunk: int) -> torch.Tensor:
             step = chunk if pos < n // 2 else 1
             end = min(n, pos + step)
             p = torch.arange(pos, end)
-            slots = table[p // block] * block + p % block
+            slots = table[:, p // block] * block + p % block
             if end - pos == 1:
-                batch = AttentionBatch(slots, [], torch.tensor([0]), table[None], torch.tensor([end]))
+                batch = AttentionBatch(slots, [], torch.tensor([0]), table[:, None], torch.tensor([end]))
             else:
                 allp = torch.arange(0, end)
-                ctx = table[allp // block] * block + allp % block if pos else None
+                ctx = table[:, allp // block] * block + allp % block if pos else None
                 batch = AttentionBatch(slots, [PrefillSlice(0, end - pos, pos, ctx)], EMPTY,
-                                       torch.zeros(0, 1, dtype=torch.long), EMPTY)
+                                       torch.zeros(layers, 0, 1, dtype=torch.long), EMPTY)
             out.append(model.logits(model.forward(torch.tensor(ids[pos:end]), p, batch, kv)))
             pos = end
     return torch.cat(out)

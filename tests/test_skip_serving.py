@@ -83,6 +83,32 @@ def test_mixed_batch_matches_each_alone_and_budget_zero_is_plain(engine):
     assert engine.stats.skip_requests["e2e"] >= 2 and engine.stats.skip_sublayers["attn"] > 0
 
 
+@pytest.mark.parametrize("mode", ["e2e", "decode"])
+def test_skipped_attention_layers_allocate_no_kv_blocks(engine, mode):
+    """At a layer whose attention a request skips, it holds blocks only for tokens computed before the
+    skip began (none in e2e, the prompt in decode mode); every other layer holds all its tokens."""
+    ids = engine.tokenizer.encode_chat(QUESTION)
+    layers, pool = engine.model.cfg.num_hidden_layers, engine.pool
+    for key in engine.reuse.cache.keys():
+        engine.reuse.cache.drop(key)
+    assert pool.num_used == 0
+    engine.add_request(Request(mode, ids, greedy(40), skip=SkipRequest(16, mode)))
+    seq = engine._seqs[mode]
+    checked = 0
+    while engine.has_work():
+        engine.step()
+        if seq.is_finished:
+            break
+        skipped = seq.skip.attn_skipped
+        assert 0 not in skipped and (skipped or mode == "decode" and seq.num_output_tokens == 1)
+        checked += bool(skipped)
+        for layer in range(layers):
+            tokens = (0 if mode == "e2e" else seq.num_prompt_tokens) if layer in skipped else seq.num_computed
+            assert len(seq.blocks.layers[layer]) == pool.blocks_for(tokens), (layer, seq.num_computed)
+        assert pool.num_used == seq.blocks.num_blocks
+    assert checked >= 30 and pool.num_used == 0  # nothing is kept: the request's KV was computed skipping
+
+
 def test_skip_requests_are_checked_before_they_run(engine, model_dirs, tmp_path):
     with pytest.raises(RequestRejected, match="between 0 and 58"):
         engine.add_request(Request("big", [1, 2, 3], greedy(2), skip=SkipRequest(59, "e2e")))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.chunk_file import ChunkLayout, validate_file
 from strata.storage.kv_store import KVLoadError, KVStore
 from strata.storage.ssd_scan import file_stem
@@ -28,12 +29,7 @@ LAYOUT = ChunkLayout("fp", L, H, D, torch.float32)
 
 
 def make_pool() -> BlockPool:
-    return BlockPool(L, H, D, BS, 96, torch.float32)
-
-
-def slots(bt: list[int], n: int) -> torch.Tensor:
-    pos = torch.arange(n)
-    return torch.tensor(bt)[pos // BS] * BS + pos % BS
+    return BlockPool(L, H, D, BS, L * 96, torch.float32)
 
 
 def open_store(pool: BlockPool, ssd: Path, fingerprint: str = "model-a") -> KVStore:
@@ -43,28 +39,28 @@ def open_store(pool: BlockPool, ssd: Path, fingerprint: str = "model-a") -> KVSt
 
 def save_session(store: KVStore, key: str, ids: list[int], seed: int) -> torch.Tensor:
     pool = store.pool
-    bt = pool.allocate(pool.blocks_for(len(ids)))
+    bt = BlockTable.allocate(pool, len(ids))
     kv = torch.randn(L, 2, len(ids), H, D, generator=torch.Generator().manual_seed(seed))
-    pool.kv.view(L, 2, -1, H, D)[:, :, slots(bt, len(ids))] = kv
+    pool.write(bt.slots(BS, 0, len(ids)), kv)
     store.save(key, ids, bt, 0, len(ids))
     store.finish(key, ids)
     store.flush()
-    pool.free(bt)
+    bt.release(pool)
     return kv
 
 
 def load(store: KVStore, key: str, n: int) -> torch.Tensor:
     pool = store.pool
-    bt = pool.allocate(pool.blocks_for(n))
-    view = pool.kv.view(L, 2, -1, H, D)
-    view[:, :, slots(bt, n)] = 0
+    bt = BlockTable.allocate(pool, n)
+    s = bt.slots(BS, 0, n)
+    pool.write(s, torch.zeros(L, 2, n, H, D))
     try:
         handle = store.start_load(key, n, bt)
         for layer in range(L):
             store.wait_layer(handle, layer, timeout=10)
-        return view[:, :, slots(bt, n)].clone()
+        return pool.read(s)
     finally:
-        pool.free(bt)
+        bt.release(pool)
 
 
 def chunk_files(ssd: Path) -> list[Path]:
@@ -136,7 +132,7 @@ def test_foreign_fingerprint_is_discarded(stored):
 
 def test_other_layout_is_discarded(stored):
     ssd, ids, _ = stored
-    store = KVStore(BlockPool(L, 1, D, BS, 32, torch.float32), model_fingerprint="model-a",
+    store = KVStore(BlockPool(L, 1, D, BS, L * 32, torch.float32), model_fingerprint="model-a",
                     dram_bytes=1 << 20, ssd_dir=ssd, ssd_bytes=1 << 24, chunk_tokens=CHUNK)
     assert store.stats()["chunks_discarded_fingerprint"] == 4
     assert store.lookup("t:a", ids) == (0, None)
@@ -187,7 +183,7 @@ def test_corruption_found_while_loading(stored):
     store = open_store(make_pool(), ssd)
     assert store.lookup("t:a", ids) == (100, "ssd")
     flip_byte(chunk_files(ssd)[2], 50)  # bit rot after the start-up scan
-    bt = store.pool.allocate(store.pool.blocks_for(100))
+    bt = BlockTable.allocate(store.pool, 100)
     handle = store.start_load("t:a", 100, bt)
     with pytest.raises(KVLoadError):
         for layer in range(L):
@@ -207,6 +203,7 @@ import sys
 from pathlib import Path
 import torch
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVStore
 
 L, H, D, BS, CHUNK, NMAX = 4, 2, 16, 16, 32, 200
@@ -217,10 +214,9 @@ def variant_ids(i, v):
 def variant_kv(i, v):
     return torch.randn(L, 2, NMAX, H, D, generator=torch.Generator().manual_seed(100 * i + v))
 
-pool = BlockPool(L, H, D, BS, 64, torch.float32)
+pool = BlockPool(L, H, D, BS, L * 64, torch.float32)
 store = KVStore(pool, model_fingerprint="fp", dram_bytes=6 * CHUNK * L * 2 * H * D * 4,
                 ssd_dir=Path(sys.argv[1]), ssd_bytes=1 << 26, chunk_tokens=CHUNK)
-view = pool.kv.view(L, 2, -1, H, D)
 print("ready", flush=True)
 turn = 0
 while True:
@@ -228,13 +224,12 @@ while True:
         v = (turn // 4 + i) % 3  # every few turns a session's history is replaced (edited)
         n = 10 + (37 * turn + 11 * i) % (NMAX - 10)
         ids, kv = variant_ids(i, v)[:n], variant_kv(i, v)
-        bt = pool.allocate(pool.blocks_for(n))
-        pos = torch.arange(n)
-        view[:, :, torch.tensor(bt)[pos // BS] * BS + pos % BS] = kv[:, :, :n]
+        bt = BlockTable.allocate(pool, n)
+        pool.write(bt.slots(BS, 0, n), kv[:, :, :n])
         store.lookup(f"s{i}", ids)
         store.save(f"s{i}", ids, bt, 0, n)
         store.finish(f"s{i}", ids)
-        pool.free(bt)
+        bt.release(pool)
     turn += 1
 """
 
@@ -285,17 +280,17 @@ def test_sigkill_mid_save_serves_nothing_wrong(tmp_path, delay):
 
 
 def test_bfloat16_restart_round_trip(tmp_path):
-    pool = BlockPool(L, H, D, BS, 32, torch.bfloat16)
+    pool = BlockPool(L, H, D, BS, L * 32, torch.bfloat16)
     kwargs = dict(model_fingerprint="m", dram_bytes=1 << 20, ssd_dir=tmp_path, ssd_bytes=1 << 22, chunk_tokens=CHUNK)
     store = KVStore(pool, **kwargs)
-    bt = pool.allocate(pool.blocks_for(70))
+    bt = BlockTable.allocate(pool, 70)
     kv = torch.randn(L, 2, 70, H, D).to(torch.bfloat16)
-    pool.kv.view(L, 2, -1, H, D)[:, :, slots(bt, 70)] = kv
+    pool.write(bt.slots(BS, 0, 70), kv)
     store.save("t:a", list(range(70)), bt, 0, 70)
     store.close()  # close flushes: the partial last chunk is written too
     pool.kv.zero_()
     store = KVStore(pool, **kwargs)
     assert store.lookup("t:a", list(range(70))) == (70, "ssd")
     store.wait_layer(store.start_load("t:a", 70, bt), L - 1, timeout=10)
-    assert torch.equal(pool.kv.view(L, 2, -1, H, D)[:, :, slots(bt, 70)], kv)
+    assert torch.equal(pool.read(bt.slots(BS, 0, 70)), kv)
     store.close()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVLoadError, KVStore
 
 L, H, D, BS = 4, 2, 16, 16
@@ -19,36 +20,29 @@ CHUNK_BYTES = CHUNK * TOKEN_BYTES
 
 
 def make_pool(num_blocks: int = 96) -> BlockPool:
-    return BlockPool(L, H, D, BS, num_blocks, torch.float32)
+    """A pool of num_blocks blocks per layer."""
+    return BlockPool(L, H, D, BS, L * num_blocks, torch.float32)
 
 
-def slot_view(pool: BlockPool) -> torch.Tensor:
-    return pool.kv.view(L, 2, -1, H, D)
-
-
-def slots(bt: list[int], n: int) -> torch.Tensor:
-    pos = torch.arange(n)
-    return torch.tensor(bt)[pos // BS] * BS + pos % BS
-
-
-def put_session(pool: BlockPool, n: int, seed: int) -> tuple[list[int], torch.Tensor]:
+def put_session(pool: BlockPool, n: int, seed: int) -> tuple[BlockTable, torch.Tensor]:
     """Fresh blocks holding random KV for n tokens; returns (block table, the KV [L, 2, n, H, D])."""
-    bt = pool.allocate(pool.blocks_for(n))
+    bt = BlockTable.allocate(pool, n)
     kv = torch.randn(L, 2, n, H, D, generator=torch.Generator().manual_seed(seed))
-    slot_view(pool)[:, :, slots(bt, n)] = kv
+    pool.write(bt.slots(BS, 0, n), kv)
     return bt, kv
 
 
 def load(store: KVStore, pool: BlockPool, key: str, n: int) -> torch.Tensor:
-    bt = pool.allocate(pool.blocks_for(n))
-    slot_view(pool)[:, :, slots(bt, n)] = 0
+    bt = BlockTable.allocate(pool, n)
+    s = bt.slots(BS, 0, n)
+    pool.write(s, torch.zeros(L, 2, n, H, D))
     try:
         handle = store.start_load(key, n, bt)
         for layer in range(L):
             store.wait_layer(handle, layer, timeout=10)
-        return slot_view(pool)[:, :, slots(bt, n)].clone()
+        return pool.read(s)
     finally:
-        pool.free(bt)
+        bt.release(pool)
 
 
 def toks(n: int, base: int = 0) -> list[int]:
@@ -60,7 +54,7 @@ def store_session(store: KVStore, pool: BlockPool, key: str, ids: list[int], see
     store.save(key, ids, bt, 0, len(ids))
     store.finish(key, ids)
     store.flush()
-    pool.free(bt)
+    bt.release(pool)
     return kv
 
 
@@ -295,20 +289,19 @@ def test_layer_wise_load(tmp_path, tier):
         store.close()
         store = make_store(pool, tmp_path, readahead_layers=1)
     assert store.lookup("t:a", toks(70)).tier == tier
-    bt = pool.allocate(pool.blocks_for(70))
-    view = slot_view(pool)
-    s = slots(bt, 70)
-    view[:, :, s] = 0
+    bt = BlockTable.allocate(pool, 70)
+    s = bt.slots(BS, 0, 70)
+    pool.write(s, torch.zeros(L, 2, 70, H, D))
     handle = store.start_load("t:a", 70, bt)
     store.wait_layer(handle, 0, timeout=10)
-    assert torch.equal(view[0, :, s], kv[0])
+    assert torch.equal(pool.read(s)[0], kv[0])
     time.sleep(0.2)  # the loader may run one layer ahead of the runner, not more
     assert handle.ready_layers <= 2
-    assert not view[2:, :, s].any()
+    assert not pool.read(s)[2:].any()
     store.wait_layer(handle, 1, timeout=10)
-    assert torch.equal(view[1, :, s], kv[1])
+    assert torch.equal(pool.read(s)[1], kv[1])
     store.wait_layer(handle, 3, timeout=10)
-    assert torch.equal(view[:, :, s], kv)
+    assert torch.equal(pool.read(s), kv)
     assert handle.done
     for _ in range(100):  # the loader books its time just after marking the last layer
         if store.stats()["load_seconds"] > 0:
@@ -341,11 +334,11 @@ def test_concurrent_turns_with_background_eviction(tmp_path):
             if hit.tokens:
                 hits += 1
                 assert torch.equal(load(store, pool, key, hit.tokens), kv[:, :, :hit.tokens])
-            bt = pool.allocate(pool.blocks_for(n))
-            slot_view(pool)[:, :, slots(bt, n)] = kv[:, :, :n]
+            bt = BlockTable.allocate(pool, n)
+            pool.write(bt.slots(BS, 0, n), kv[:, :, :n])
             store.save(key, ids, bt, hit.tokens, n)
             store.finish(key, ids)
-            pool.free(bt)
+            bt.release(pool)
             st = store.stats()
             assert st["occupancy_bytes_dram"] <= 5 * CHUNK_BYTES
             assert st["occupancy_bytes_ssd"] <= 14 * CHUNK_BYTES

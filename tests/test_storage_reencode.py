@@ -7,6 +7,7 @@ import torch
 
 from strata.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq, rotate_keys
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVStore
 from strata.storage.reencode import drop_and_reposition, drop_tokens
 
@@ -69,18 +70,15 @@ def test_drop_and_reposition_low_precision():
 
 def test_store_truncate_re_rotates_and_persists(tmp_path):
     inv_freq = rope_inv_freq(D, 10000.0, None)
-    pool = BlockPool(L, H, D, BS, 64, torch.float32)
+    pool = BlockPool(L, H, D, BS, L * 64, torch.float32)
     kwargs = dict(model_fingerprint="m", dram_bytes=1 << 20, ssd_dir=tmp_path / "ssd", ssd_bytes=1 << 22,
                   chunk_tokens=32, rope_inv_freq=inv_freq)
     store = KVStore(pool, **kwargs)
     raw_k, values = torch.randn(L, 120, H, D), torch.randn(L, 120, H, D)
     kv = stored_kv(raw_k, values, inv_freq)
     ids = list(range(1000, 1120))
-    bt = pool.allocate(pool.blocks_for(120))
-    view = pool.kv.view(L, 2, -1, H, D)
-    pos = torch.arange(120)
-    slot = torch.tensor(bt)[pos // BS] * BS + pos % BS
-    view[:, :, slot] = kv
+    bt = BlockTable.allocate(pool, 120)
+    pool.write(bt.slots(BS, 0, 120), kv)
     store.save("t:a", ids, bt, 0, 120)
     store.finish("t:a", ids)
     with pytest.raises(ValueError):
@@ -90,14 +88,13 @@ def test_store_truncate_re_rotates_and_persists(tmp_path):
     keep = torch.cat([torch.arange(16), torch.arange(76, 120)])
     expected = stored_kv(raw_k[:, keep], values[:, keep], inv_freq)
     store.close()
-    store = KVStore(BlockPool(L, H, D, BS, 64, torch.float32), **kwargs)  # the truncation is durable
+    store = KVStore(BlockPool(L, H, D, BS, L * 64, torch.float32), **kwargs)  # the truncation is durable
     assert store.lookup("t:a", new_ids + [5]) == (60, "ssd")
     pool = store.pool
-    bt2 = pool.allocate(pool.blocks_for(60))
+    bt2 = BlockTable.allocate(pool, 60)
     handle = store.start_load("t:a", 60, bt2)
     store.wait_layer(handle, L - 1, timeout=10)
-    pos = torch.arange(60)
-    got = pool.kv.view(L, 2, -1, H, D)[:, :, torch.tensor(bt2)[pos // BS] * BS + pos % BS]
+    got = pool.read(bt2.slots(BS, 0, 60))
     assert torch.allclose(got, expected, atol=1e-5)
     store.close()
     plain = KVStore(pool, **{**kwargs, "rope_inv_freq": None})

@@ -22,6 +22,7 @@ from strata.engine.models.llama import LlamaModel
 from strata.engine.tokenizer import Tokenizer
 from strata.server.overflow import dropped_range, fit_messages
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVStore
 from tests.conftest import ServerProcess
 
@@ -30,13 +31,7 @@ BS = 16
 CONTEXT, HEAD, TAIL, FOLLOW = 2048, 16, 1024, 256
 
 
-def slots_of(table: list[int], start: int, end: int) -> torch.Tensor:
-    pos = torch.arange(start, end)
-    t = torch.as_tensor(table, dtype=torch.long)
-    return t[pos // BS] * BS + pos % BS
-
-
-def prefill(model: LlamaModel, pool: BlockPool, table: list[int], ids: list[int], history: int,
+def prefill(model: LlamaModel, pool: BlockPool, table: BlockTable, ids: list[int], history: int,
             first_position: int) -> torch.Tensor:
     """Run ``ids`` after ``history`` cached tokens (slots [0, history) of ``table``); logits per token.
 
@@ -44,10 +39,10 @@ def prefill(model: LlamaModel, pool: BlockPool, table: list[int], ids: list[int]
     model keys cached at positions that do not match their slots.
     """
     n = len(ids)
-    new = slots_of(table, history, history + n)
-    ctx = slots_of(table, 0, history + n) if history else None
-    batch = AttentionBatch(new, [PrefillSlice(0, n, history, ctx)], EMPTY, torch.zeros(0, 1, dtype=torch.long),
-                           EMPTY)
+    new = table.slots(BS, history, history + n)
+    ctx = table.slots(BS, 0, history + n) if history else None
+    batch = AttentionBatch(new, [PrefillSlice(0, n, history, ctx)], EMPTY,
+                           torch.zeros(pool.num_layers, 0, 1, dtype=torch.long), EMPTY)
     positions = torch.arange(first_position, first_position + n)
     with torch.inference_mode():
         return model.logits(model.forward(torch.tensor(ids), positions, batch, pool.kv))
@@ -80,7 +75,7 @@ def three_ways(model: LlamaModel, ids: list[int], tmp_path) -> tuple[float, floa
     """Perplexity of the FOLLOW tokens after the cut context: (recompute, re-rotated, unrotated)."""
     cfg = model.cfg
     pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, BS,
-                     2 * (CONTEXT + FOLLOW) // BS + 8, torch.float32)
+                     cfg.num_hidden_layers * (2 * (CONTEXT + FOLLOW) // BS + 8), torch.float32)
     store = KVStore(pool, model_fingerprint="ppl", dram_bytes=2**30, ssd_dir=tmp_path / "ssd", ssd_bytes=2**30,
                     rope_inv_freq=model.inv_freq)
     context, follow = ids[:CONTEXT], ids[CONTEXT:]
@@ -88,33 +83,32 @@ def three_ways(model: LlamaModel, ids: list[int], tmp_path) -> tuple[float, floa
     targets = follow[1:]  # the model sees follow[i] and predicts follow[i + 1]
     try:
         # The full context once, stored as a session would be.
-        table = pool.allocate(pool.blocks_for(CONTEXT))
+        table = BlockTable.allocate(pool, CONTEXT)
         prefill(model, pool, table, context, 0, 0)
         store.save("s", context, table, 0, CONTEXT)
         store.finish("s", context)
         store.flush()
-        old_kv = pool.kv.view(*pool.kv.shape[:2], -1, *pool.kv.shape[4:])[:, :, slots_of(table, 0, CONTEXT)]
-        pool.free(table)
+        old_kv = pool.read(table.slots(BS, 0, CONTEXT))
+        table.release(pool)
 
         # (a) the cut text recomputed from scratch.
-        table = pool.allocate(pool.blocks_for(len(kept) + len(follow)))
+        table = BlockTable.allocate(pool, len(kept) + len(follow))
         ref = prefill(model, pool, table, kept + follow, 0, 0)[len(kept):]
-        pool.free(table)
+        table.release(pool)
 
         # (b) the stored KV truncated (re-rotated), loaded into fresh blocks; only FOLLOW runs.
         assert store.truncate("s", HEAD, CONTEXT - TAIL) == len(kept)
         assert store.lookup("s", kept + follow).tokens == len(kept)
-        table = pool.allocate(pool.blocks_for(len(kept) + len(follow)))
+        table = BlockTable.allocate(pool, len(kept) + len(follow))
         handle = store.start_load("s", len(kept), table)
         for layer in range(cfg.num_hidden_layers):
             store.wait_layer(handle, layer, timeout=30)
         rotated = prefill(model, pool, table, follow, len(kept), len(kept))
 
         # (c) the same kept KV at its old positions (no re-rotation); FOLLOW at the new positions.
-        flat = pool.kv.view(*pool.kv.shape[:2], -1, *pool.kv.shape[4:])
-        flat[:, :, slots_of(table, 0, len(kept))] = torch.cat([old_kv[:, :, :HEAD], old_kv[:, :, CONTEXT - TAIL:]], 2)
+        pool.write(table.slots(BS, 0, len(kept)), torch.cat([old_kv[:, :, :HEAD], old_kv[:, :, CONTEXT - TAIL:]], 2))
         unrotated = prefill(model, pool, table, follow, len(kept), len(kept))
-        pool.free(table)
+        table.release(pool)
     finally:
         store.close()
     return perplexity(ref, targets), perplexity(rotated, targets), perplexity(unrotated, targets)

@@ -20,6 +20,7 @@ from collections import Counter
 
 from strata.engine.sequence import Sequence
 from strata.engine.stored_cut import stored_cut
+from strata.storage.block_table import BlockTable
 from strata.storage.device_cache import DeviceCache
 from strata.storage.kv_store import KVStore
 from strata.storage.load_handle import KVLoadError
@@ -51,7 +52,7 @@ class KVReuse:
         return f"prefix:{digest}"
 
     def acquire(self, seq: Sequence) -> None:
-        """Give a newly admitted sequence its reusable history: sets block_table and num_computed."""
+        """Give a newly admitted sequence its reusable history: sets its blocks and num_computed."""
         key = self.cache_key(seq)
         seq.cache_tier = None
         if key is None:
@@ -60,23 +61,24 @@ class KVReuse:
         prompt = seq.token_ids[: seq.num_prompt_tokens]
         if not anonymous:
             self._truncate(key, seq)
-        n, blocks = self.cache.take(key, prompt, whole_blocks_only=anonymous)
+        pool = self.cache.pool
+        n, cached = self.cache.take(key, prompt, whole_blocks_only=anonymous)
         if n:
-            seq.block_table, seq.num_computed, seq.cache_tier = blocks, n, "hbm"
+            seq.blocks, seq.num_computed, seq.cache_tier = cached, n, "hbm"
         elif self.store is not None and not anonymous:
             hit = self.store.lookup(key, prompt)
             n = min(hit.tokens, seq.num_prompt_tokens - 1)
-            need = self.cache.pool.blocks_for(n)
-            if n > 0 and (self.cache.pool.num_free >= need or self.cache.evict(need, {key})):
-                blocks = self.cache.pool.allocate(need)
+            need = pool.blocks_for(n) * pool.num_layers
+            if n > 0 and (pool.num_free >= need or self.cache.evict(need, {key})):
+                blocks = BlockTable.allocate(pool, n)
                 try:
                     seq.load = self.store.start_load(key, n, blocks)
                 except KVLoadError as e:
                     log.warning("load of %s failed, recomputing: %s", key, e)
-                    self.cache.pool.free(blocks)
+                    blocks.release(pool)
                     self.load_failures += 1
                 else:
-                    seq.block_table, seq.num_computed, seq.cache_tier = blocks, n, hit.tier
+                    seq.blocks, seq.num_computed, seq.cache_tier = blocks, n, hit.tier
         seq.num_cached_tokens = seq.num_computed
         self.hits[seq.cache_tier or "none"] += 1
         self.tokens_reused[seq.cache_tier or "none"] += seq.num_computed
@@ -123,7 +125,7 @@ class KVReuse:
         key = seq.request.session_key
         end = min(end, self.reusable(seq))
         if self.store is not None and key and end > start:
-            self.store.save(key, seq.token_ids, seq.block_table, start, end)
+            self.store.save(key, seq.token_ids, seq.blocks, start, end)
 
     def release(self, seq: Sequence, keep: bool) -> None:
         """The sequence is done: keep its blocks cached under its key (or free them)."""
@@ -136,10 +138,10 @@ class KVReuse:
         reusable = computed[: self.reusable(seq)]
         self.skip_tokens_not_saved += len(computed) - len(reusable)
         if key is not None and keep and reusable:
-            self.cache.put(key, reusable, seq.block_table, whole_blocks_only=not seq.request.session_key)
+            self.cache.put(key, reusable, seq.blocks, whole_blocks_only=not seq.request.session_key)
         else:
-            self.cache.pool.free(seq.block_table)
-        seq.block_table = []
+            seq.blocks.release(self.cache.pool)
+        seq.blocks = BlockTable(self.cache.pool.num_layers)
         # The store holds only reusable KV (see saved()); the computed ids just confirm its entry.
         if self.store is not None and seq.request.session_key and keep and computed:
             self.store.finish(seq.request.session_key, computed)

@@ -47,8 +47,7 @@ class LLMEngine:
         cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
-        per_block = BlockPool.bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                              config.block_size, dtype)
+        per_block = BlockPool.bytes_per_block(cfg.num_key_value_heads, cfg.head_dim, config.block_size, dtype)
         self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
                               int(config.kv_cache_gb * 2**30) // per_block, dtype, device)
         self.store = self._open_store(config) if config.session_cache else None
@@ -63,7 +62,7 @@ class LLMEngine:
         self.eos_token_ids = sorted(eos)
         self._seqs: dict[str, Sequence] = {}
         self._seed_source = torch.Generator().manual_seed(config.seed)
-        log.info("model %s loaded in %.1fs: %d layers, KV cache %d blocks of %d tokens (%.2f GiB)",
+        log.info("model %s loaded in %.1fs: %d layers, KV cache %d blocks of one layer's %d tokens (%.2f GiB)",
                  self.files.name, time.monotonic() - t0, cfg.num_hidden_layers, self.pool.num_blocks,
                  config.block_size, self.pool.num_blocks * per_block / 2**30)
 
@@ -91,7 +90,7 @@ class LLMEngine:
     @property
     def context_limit(self) -> int:
         """The longest sequence this engine can hold: the model's window or the whole KV pool."""
-        return min(self.max_model_len, self.pool.num_blocks * self.pool.block_size)
+        return min(self.max_model_len, self.pool.num_blocks // self.pool.num_layers * self.pool.block_size)
 
     def add_request(self, request: Request) -> None:
         n = len(request.prompt_ids)
@@ -112,7 +111,8 @@ class LLMEngine:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
         p = request.sampling
-        seq = Sequence(request, OutputText(self.tokenizer, p.stop, p.skip_special_tokens), seed, skip)
+        seq = Sequence(request, OutputText(self.tokenizer, p.stop, p.skip_special_tokens), seed,
+                       self.model.cfg.num_hidden_layers, skip)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -139,7 +139,7 @@ class LLMEngine:
             return None
         info = dict(stored or {"tokens": 0, "tier": None})
         info["tokens_hbm"] = hbm
-        info["hbm_bytes"] = self.pool.blocks_for(hbm) * self.pool.bytes_per_token_block
+        info["hbm_bytes"] = self.pool.blocks_for(hbm) * self.pool.num_layers * self.pool.block_bytes
         if hbm:
             info["tier"] = "hbm"
         info["tokens"] = max(info["tokens"], hbm)
@@ -162,7 +162,8 @@ class LLMEngine:
 
     @property
     def blocks_in_use(self) -> int:
-        """Blocks held by queued or running sequences (the rest are free or cache finished sessions)."""
+        """Blocks (one layer's, see BlockPool) held by queued or running sequences (the rest are free
+        or cache finished sessions)."""
         return self.pool.num_used - self.reuse.cache.num_blocks
 
     @property

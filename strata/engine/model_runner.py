@@ -45,12 +45,6 @@ class ModelRunner:
 
         return wait
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        bs = self.pool.block_size
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        pos = torch.arange(start, end)
-        return table[pos // bs] * bs + pos % bs
-
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Compute the scheduled tokens; returns the sequences that sample now and their logits."""
@@ -59,29 +53,29 @@ class ModelRunner:
         slots: list[torch.Tensor] = []
         prefills: list[PrefillSlice] = []
         decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
+        decode_tables: list[torch.Tensor] = []  # [layers, blocks] each
         decode_lens: list[int] = []  # context length of each decode row, itself included
         sample_rows: list[int] = []
         sampling: list[Sequence] = []
-        skips = StepSkips()
+        skips = StepSkips(self.pool)
         for seq, n in batch.items:
             start, c = len(ids), seq.num_computed
             ids.extend(seq.token_ids[c : c + n])
             positions.extend(range(c, c + n))
-            slots.append(self._slots(seq, c, c + n))
+            slots.append(seq.blocks.slots(self.pool.block_size, c, c + n))
             # A skipping sequence that recomputes generated tokens (after a preemption) runs each of
             # them as a decode row of its own, so that each replays the skip set of its decode step.
             attend = n if seq.skip is None else min(n, max(seq.num_prompt_tokens - c, 0))
             if attend == 1:
                 decode_rows.append(start)
-                decode_tables.append(seq.block_table)
+                decode_tables.append(seq.blocks.tensor())
                 decode_lens.append(c + 1)
             elif attend > 1:
-                ctx = self._slots(seq, 0, c + attend) if c > 0 else None
+                ctx = seq.blocks.slots(self.pool.block_size, 0, c + attend) if c > 0 else None
                 prefills.append(PrefillSlice(start, start + attend, c, ctx))
             for i in range(attend, n):
                 decode_rows.append(start + i)
-                decode_tables.append(seq.block_table)
+                decode_tables.append(seq.blocks.tensor())
                 decode_lens.append(c + i + 1)
             if seq.skip is not None:
                 skips.add(seq, start, attend, n)
@@ -89,12 +83,13 @@ class ModelRunner:
                 sample_rows.append(start + n - 1)
                 sampling.append(seq)
 
-        max_blocks = max((len(t) for t in decode_tables), default=1)
-        tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
+        layers = self.pool.num_layers
+        max_blocks = max((t.shape[1] for t in decode_tables), default=1)
+        tables = torch.zeros(layers, len(decode_tables), max_blocks, dtype=torch.long)
         for i, t in enumerate(decode_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            tables[:, i, : t.shape[1]] = t
         attn = AttentionBatch(
-            slots=torch.cat(slots),
+            slots=torch.cat(slots, dim=1),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long),
             decode_block_tables=tables,

@@ -57,12 +57,14 @@ class Scheduler:
         return {k for s in self.waiting if (k := self.reuse.cache_key(s))}
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        need = self.pool.blocks_for(num_tokens) - len(seq.block_table)
+        """Blocks for num_tokens tokens at each layer the sequence's next step writes KV at."""
+        skip = seq.attn_skips_next()
+        need = seq.blocks.blocks_needed(self.pool, num_tokens, skip)
         if need <= 0:
             return True
         if need > self.pool.num_free and not self.reuse.cache.evict(need, self._protected()):
             return False
-        seq.block_table.extend(self.pool.allocate(need))
+        seq.blocks.grow(self.pool, num_tokens, skip)
         return True
 
     def _preempt(self, seq: Sequence) -> None:

@@ -10,6 +10,7 @@ import torch
 from strata.engine.output_text import OutputText
 from strata.engine.request import Request, TokenLogprob
 from strata.engine.skip.request_state import RequestSkipState
+from strata.storage.block_table import BlockTable
 from strata.storage.load_handle import LoadHandle
 
 
@@ -20,7 +21,7 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request: Request, output_text: OutputText, seed: int,
+    def __init__(self, request: Request, output_text: OutputText, seed: int, num_layers: int,
                  skip: RequestSkipState | None = None) -> None:
         self.request = request
         self.request_id = request.request_id
@@ -33,7 +34,7 @@ class Sequence:
         self.load: LoadHandle | None = None  # a layer-wise load of history KV in flight
         self.acquired = False  # reusable history looked up since (re)admission
         self.truncation_applied = False  # the session's stored KV was cut once (never twice on readmission)
-        self.block_table: list[int] = []
+        self.blocks = BlockTable(num_layers)
         self.skip = skip  # AdaSkip state of this request; None: it skips nothing (the plain path)
         # First token whose KV was computed with some sublayer skipped (None: none so far). KV from
         # here on is missing at skipped attention layers or differs from the full model's: it is
@@ -47,6 +48,15 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(seed)
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
+
+    def attn_skips_next(self) -> set[int]:
+        """Attention layers the next step of this sequence skips (its tokens need no KV blocks there)."""
+        if self.skip is None:
+            return set()
+        c = self.num_computed
+        if c < self.num_prompt_tokens:
+            return self.skip.attn_skips(True)
+        return self.skip.attn_skips(False, decode_step=c - self.num_prompt_tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,9 @@
 
 ModelRunner adds every sequence that has a skip state while it flattens the batch; `plan()` gives
 the model's SkipPlan (None when nothing is skipped or measured, so the model takes its plain
-path), and `observe()` feeds AdaSkip's online measurements back after the forward.
+path), and `observe()` feeds AdaSkip's online measurements back after the forward. A layer
+whose attention a sequence skips from some token on is stopped in its block table there: the
+scheduler gave it no blocks at that layer if it foresaw the skip, and any it did give are freed.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from strata.engine.sequence import Sequence
 from strata.engine.skip.plan import build_skip_plan
 from strata.engine.skip.request_state import RequestSkipState
 from strata.engine.skip.skip_set import SkipSet
+from strata.storage.block_pool import BlockPool
 
 
 class StepSkips:
-    def __init__(self) -> None:
+    def __init__(self, pool: BlockPool) -> None:
+        self._pool = pool
         self._groups: list[tuple[torch.Tensor, SkipSet]] = []
         self._measured: list[tuple[RequestSkipState, int]] = []  # (state, its row), in measure_rows order
         self._plan: SkipPlan | None = None
@@ -39,6 +43,8 @@ class StepSkips:
                 self._measured.append((state, row))
         for row, n, s in sets:
             self._groups.append((torch.arange(row, row + n), s))
+            for layer in s.attn:
+                seq.blocks.stop(self._pool, layer, c + row - first_row)
         # From the first token computed with a skip on, this sequence's KV is not the full model's.
         dirty = next((c + row - first_row for row, _, s in sets if len(s)), None)
         if dirty is not None:

@@ -29,7 +29,8 @@ class EngineCollector:
                                 value=e.num_waiting)
         yield GaugeMetricFamily("strata_requests_in_flight", "Engine requests with a listener",
                                 value=ae.num_in_flight)
-        yield GaugeMetricFamily("strata_kv_blocks_total", "KV cache blocks in the device pool",
+        yield GaugeMetricFamily("strata_kv_blocks_total",
+                                "KV cache blocks in the device pool (a block: one layer's K/V of block_size tokens)",
                                 value=e.pool.num_blocks)
         yield GaugeMetricFamily("strata_kv_blocks_used", "KV cache blocks held by sequences",
                                 value=e.blocks_in_use)
@@ -81,8 +82,8 @@ def _tier_metrics(e: LLMEngine) -> Iterator[Metric]:
     occupancy = GaugeMetricFamily("strata_kv_occupancy_bytes", "Bytes of session KV held, by tier", labels=["tier"])
     capacity = GaugeMetricFamily("strata_kv_capacity_bytes", "Capacity of each tier", labels=["tier"])
     evicted.add_metric(["hbm"], reuse.cache.evicted_entries)
-    occupancy.add_metric(["hbm"], reuse.cache.num_blocks * e.pool.bytes_per_token_block)
-    capacity.add_metric(["hbm"], e.pool.num_blocks * e.pool.bytes_per_token_block)
+    occupancy.add_metric(["hbm"], reuse.cache.num_blocks * e.pool.block_bytes)
+    capacity.add_metric(["hbm"], e.pool.num_blocks * e.pool.block_bytes)
     for tier in ("dram", "ssd"):
         loaded.add_metric([tier], st.get(f"bytes_loaded_{tier}", 0.0))
         saved.add_metric([tier], st.get(f"bytes_saved_{tier}", 0.0))

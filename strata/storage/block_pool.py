@@ -1,5 +1,8 @@
-"""The device KV block pool: one tensor holding every layer's paged K and V, and a free list.
+"""The device KV block pool: one tensor of blocks and a free list.
 
+A block holds one layer's K and V for `block_size` tokens, so a sequence takes blocks only at
+the layers where it stores KV (a request that skips attention at a layer takes none there).
+Every layer's attention reads the same tensor through its own block table (see BlockTable).
 It lives on STRATA_DEVICE unless given a device (see strata.kernels.device).
 """
 
@@ -23,21 +26,27 @@ class BlockPool:
         dtype: torch.dtype,
         device: torch.device | str | None = None,
     ) -> None:
-        if num_blocks < 1:
-            raise ValueError("the KV cache holds no block: raise --kv-cache-gb")
+        if num_blocks < num_layers:
+            raise ValueError("the KV cache holds less than one block per layer: raise --kv-cache-gb")
+        self.num_layers = num_layers
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K or V is one contiguous slab.
-        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+        # [K/V, blocks, block_size, kv_heads, head_dim]: K and V are each one slab of blocks.
+        self.kv = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
                               device=device if device is not None else default_device())
+        # The same memory indexed by slot (block * block_size + offset): [K/V, slots, kv_heads, head_dim].
+        self.slots_view = self.kv.view(2, num_blocks * block_size, num_kv_heads, head_dim)
         self._free: deque[int] = deque(range(num_blocks))
-        self.bytes_per_token_block = self.kv[:, :, 0].numel() * self.kv.element_size()
 
     @staticmethod
-    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        """One block: one layer's K and V for block_size tokens."""
         elem = torch.empty(0, dtype=dtype).element_size()
-        return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
+        return 2 * block_size * num_kv_heads * head_dim * elem
+
+    @property
+    def block_bytes(self) -> int:
+        return self.kv[:, 0].numel() * self.kv.element_size()
 
     @property
     def num_free(self) -> int:
@@ -48,6 +57,7 @@ class BlockPool:
         return self.num_blocks - len(self._free)
 
     def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold num_tokens tokens at one layer."""
         return -(-num_tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
@@ -57,3 +67,11 @@ class BlockPool:
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """A copy of the K/V at `slots` ([layers, n], one row of slots per layer): [layers, 2, n, heads, dim]."""
+        return self.slots_view[:, slots.to(self.kv.device)].transpose(0, 1).contiguous()
+
+    def write(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """The inverse of read(): kv [layers, 2, n, heads, dim] into `slots` [layers, n]."""
+        self.slots_view[:, slots.to(self.kv.device)] = kv.to(self.kv.device).transpose(0, 1)

@@ -13,12 +13,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 
 
 @dataclass
 class CachedBlocks:
-    token_ids: list[int]  # tokens whose K/V the blocks hold, from position 0
-    block_table: list[int]
+    token_ids: list[int]  # tokens whose K/V the blocks hold at every layer, from position 0
+    blocks: BlockTable
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -37,7 +38,7 @@ class DeviceCache:
 
     @property
     def num_blocks(self) -> int:
-        return sum(len(e.block_table) for e in self._entries.values())
+        return sum(e.blocks.num_blocks for e in self._entries.values())
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -49,17 +50,16 @@ class DeviceCache:
         entry = self._entries.get(key)
         return len(entry.token_ids) if entry else 0
 
-    def put(self, key: str, token_ids: list[int], block_table: list[int], whole_blocks_only: bool = False) -> None:
-        """Keep a finished sequence's blocks; blocks past its tokens go back to the pool."""
+    def put(self, key: str, token_ids: list[int], blocks: BlockTable, whole_blocks_only: bool = False) -> None:
+        """Keep a finished sequence's blocks (it gives them up); blocks past its tokens go back to the pool."""
         self.drop(key)
         if whole_blocks_only:
             token_ids = token_ids[: len(token_ids) // self.pool.block_size * self.pool.block_size]
-        keep = self.pool.blocks_for(len(token_ids))
-        self.pool.free(block_table[keep:])
-        if keep:
-            self._entries[key] = CachedBlocks(list(token_ids), block_table[:keep])
+        blocks.cut(self.pool, len(token_ids))
+        if token_ids:
+            self._entries[key] = CachedBlocks(list(token_ids), blocks)
 
-    def take(self, key: str, prompt_ids: list[int], whole_blocks_only: bool = False) -> tuple[int, list[int]]:
+    def take(self, key: str, prompt_ids: list[int], whole_blocks_only: bool = False) -> tuple[int, BlockTable]:
         """Hand a session's blocks to its next request: (reused tokens, blocks holding them).
 
         At most len(prompt) - 1 tokens are reused, so the last prompt token is always computed
@@ -67,18 +67,16 @@ class DeviceCache:
         """
         entry = self._entries.pop(key, None)
         if entry is None:
-            return 0, []
+            return 0, BlockTable(self.pool.num_layers)
         n = min(common_prefix(entry.token_ids, prompt_ids), len(prompt_ids) - 1)
         if whole_blocks_only:
             n = n // self.pool.block_size * self.pool.block_size
-        keep = self.pool.blocks_for(n)
-        self.pool.free(entry.block_table[keep:])
-        return n, entry.block_table[:keep]
+        return n, entry.blocks.cut(self.pool, n)
 
     def drop(self, key: str) -> bool:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self.pool.free(entry.block_table)
+            entry.blocks.release(self.pool)
         return entry is not None
 
     def evict(self, blocks_needed: int, protect: set[str] | frozenset[str] = frozenset()) -> bool:

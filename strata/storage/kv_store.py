@@ -13,9 +13,9 @@ except ``flush``, ``close``, ``truncate``, ``tokens`` and ``wait_layer``)::
                     rope_inv_freq=None, readahead_layers=None)
     store.lookup(key, prompt_ids) -> Hit(tokens, tier)   # tier "dram" | "ssd" | None
     store.hint_upcoming(keys)                            # waiting queue order, first = next
-    store.start_load(key, num_tokens, block_table) -> LoadHandle
+    store.start_load(key, num_tokens, blocks) -> LoadHandle   # blocks: a BlockTable
     store.wait_layer(handle, layer, timeout=None)        # raises KVLoadError: recompute instead
-    store.save(key, token_ids, block_table, start, end)  # copies KV [start, end) out of the blocks now
+    store.save(key, token_ids, blocks, start, end)       # copies KV [start, end) out of the blocks now
     store.finish(key, token_ids)
     store.truncate(key, keep_head, drop_end) -> int      # context overflow, re-rotates kept keys
     store.tokens(key) -> list[int]                       # stored ids, after pending saves
@@ -30,7 +30,7 @@ Semantics the engine relies on:
   at least the last prompt token. If the prompt diverges from the stored ids (edited
   history), the entry is cut back to the divergence point (after any pending saves).
 * ``start_load`` must follow ``lookup`` for at most the returned token count;
-  ``block_table`` covers tokens ``[0, num_tokens)``. Layers arrive in order; with
+  ``blocks`` covers tokens ``[0, num_tokens)`` at every layer. Layers arrive in order; with
   ``readahead_layers`` set the loader runs at most that many layers ahead of the last
   ``wait_layer`` (cancel an abandoned handle with ``handle.cancel()``).
 * ``save`` takes ``token_ids`` (the session's tokens, at least ``end`` of them) and
@@ -86,6 +86,7 @@ import torch
 
 from strata.kernels.ops import copy_kv_slots
 from strata.storage.block_pool import BlockPool
+from strata.storage.block_table import BlockTable
 from strata.storage.chunk_file import (
     TEMP_MARK,
     ChunkError,
@@ -135,7 +136,8 @@ class KVStore:
                  rope_inv_freq: torch.Tensor | None = None, readahead_layers: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
-        layers, _, num_blocks, block_size, heads, dim = pool.kv.shape
+        _, _, _, heads, dim = pool.kv.shape
+        layers = pool.num_layers
         self.pool = pool
         self.policy = policy
         self.ttl_s = ttl_s
@@ -148,7 +150,6 @@ class KVStore:
         self.num_layers = layers
         self.token_bytes = self.layout.layer_bytes(1) * layers
         self._readahead = readahead_layers or layers
-        self._slots_view = pool.kv.view(layers, 2, num_blocks * block_size, heads, dim)
         self._streams = CudaStreams(pool.kv.device) if pool.kv.is_cuda else None
         self._pin = self._streams is not None  # pinned DRAM chunks: async DMA, readable by the copy kernel
 
@@ -236,7 +237,7 @@ class KVStore:
                     self._io.put(lambda k=key: self._prefetch(k))
             self._window = window
 
-    def start_load(self, session_key: str, num_tokens: int, block_table: list[int]) -> LoadHandle:
+    def start_load(self, session_key: str, num_tokens: int, blocks: BlockTable) -> LoadHandle:
         self._check_open()
         pieces: list[_Piece] = []
         with self._lock:
@@ -265,7 +266,7 @@ class KVStore:
         # Stalls are charged to the slowest tier the load reads from.
         handle.tier = "dram" if all(p.dram is not None for p in pieces) else "ssd"
         self._handles.add(handle)
-        slots = _slots(block_table, 0, num_tokens, self.pool.block_size).to(self.pool.kv.device)
+        slots = blocks.slots(self.pool.block_size, 0, num_tokens).to(self.pool.kv.device)
         after = self._streams.mark() if self._streams is not None else None  # the blocks' earlier users
         self._loads.put(lambda: self._run_load(handle, entry, pieces, slots, after))
         return handle
@@ -279,13 +280,11 @@ class KVStore:
             self._counters["load_stall_seconds"] += stalled
             self._counters[f"load_stall_seconds_{handle.tier}"] += stalled
 
-    def save(self, session_key: str, token_ids: list[int], block_table: list[int], start: int,
-             end: int) -> None:
+    def save(self, session_key: str, token_ids: list[int], blocks: BlockTable, start: int, end: int) -> None:
         self._check_open()
         if end <= start:
             return
-        slots = _slots(block_table, start, end, self.pool.block_size).to(self.pool.kv.device)
-        kv = self._slots_view[:, :, slots]  # a copy: the blocks may be freed as soon as we return
+        kv = self.pool.read(blocks.slots(self.pool.block_size, start, end))  # a copy: the blocks may be freed now
         pending: torch.Tensor | HostCopy = kv if self._streams is None else self._streams.to_host(kv)
         ids = list(token_ids[:end])
         with self._lock:
@@ -494,7 +493,8 @@ class KVStore:
         finally:
             with self._lock:
                 entry.active_loads -= 1
-        kv = torch.cat(parts, dim=2) if parts else self._slots_view[:, :, :0].cpu()
+        kv = torch.cat(parts, dim=2) if parts else torch.empty(
+            (self.num_layers, 2, 0, self.layout.num_kv_heads, self.layout.head_dim), dtype=self.layout.dtype)
         new_kv = drop_and_reposition(kv, keep_head, drop_end, self.rope_inv_freq)
         new_tokens = drop_tokens(old_tokens, keep_head, drop_end)
         with self._lock:
@@ -793,7 +793,7 @@ class KVStore:
                 for layer in range(self.num_layers):
                     if not handle.wait_room(layer):
                         return
-                    dst = self._slots_view[layer]
+                    dst = self.pool.slots_view
                     for p in pieces:
                         current = p
                         if p.dram is not None:
@@ -804,7 +804,7 @@ class KVStore:
                             header, offset = headers[id(p)]
                             data = read_layer(p.fd, header, offset, self.layout, layer)[:, :p.count]
                             loaded["ssd"] += data.nbytes
-                        copy_kv_slots(dst, slots[p.start:p.start + p.count], data, None)
+                        copy_kv_slots(dst, slots[layer, p.start:p.start + p.count], data, None)
                     handle.mark_ready(layer, streams.layer_loaded() if streams is not None else None)
         except ChunkError as e:
             assert current is not None and current.fd is not None
@@ -898,12 +898,6 @@ class KVStore:
                 self._drop_all_locked(entry)
                 del self._entries[key]
         self._pins = {k: v for k, v in self._pins.items() if v > now}
-
-
-def _slots(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(start, end)
-    table = torch.as_tensor(block_table, dtype=torch.long)
-    return table[pos // block_size] * block_size + pos % block_size
 
 
 def _close_fds(pieces: list[_Piece]) -> None:

@@ -14,16 +14,20 @@ class PrefillSlice:
     start: int
     end: int
     history: int
-    # Slots of all history + new tokens; None when there is no history (attend to the new K/V directly).
+    # [layers, history + new] slots of all history + new tokens at each layer; None when there is
+    # no history (attend to the new K/V directly).
     context_slots: torch.Tensor | None
 
 
 @dataclass
 class AttentionBatch:
-    slots: torch.Tensor  # [T] where each new token's K/V is written
+    """Index tensors of one batch; every layer has its own row of slots and block tables, since a
+    sequence's blocks differ per layer (see strata.storage.block_table)."""
+
+    slots: torch.Tensor  # [layers, T] where each new token's K/V is written (-1: the layer stores none)
     prefills: list[PrefillSlice]
     decode_rows: torch.Tensor  # [B] rows of single-token (decode) sequences
-    decode_block_tables: torch.Tensor  # [B, max_blocks]
+    decode_block_tables: torch.Tensor  # [layers, B, max_blocks]
     decode_context_lens: torch.Tensor  # [B] context length including the new token
 
     def select(self, rows: torch.Tensor) -> AttentionBatch:
@@ -32,7 +36,7 @@ class AttentionBatch:
         Used when only some rows run a layer's attention (sublayer skipping): a prefill
         slice must be kept or dropped whole, since its tokens attend to each other.
         """
-        new_index = torch.full((self.slots.shape[0],), -1, dtype=torch.long, device=self.slots.device)
+        new_index = torch.full((self.slots.shape[1],), -1, dtype=torch.long, device=self.slots.device)
         new_index[rows] = torch.arange(rows.shape[0], device=self.slots.device)
         prefills = []
         for p in self.prefills:
@@ -44,10 +48,10 @@ class AttentionBatch:
                 prefills.append(PrefillSlice(start, start + p.end - p.start, p.history, p.context_slots))
         keep_decode = new_index[self.decode_rows] >= 0
         return AttentionBatch(
-            slots=self.slots[rows],
+            slots=self.slots[:, rows],
             prefills=prefills,
             decode_rows=new_index[self.decode_rows[keep_decode]],
-            decode_block_tables=self.decode_block_tables[keep_decode],
+            decode_block_tables=self.decode_block_tables[:, keep_decode],
             decode_context_lens=self.decode_context_lens[keep_decode],
         )
 

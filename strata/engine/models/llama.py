@@ -85,7 +85,8 @@ class LlamaModel:
         skip: SkipPlan | None = None,
         before_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_cache: [layers, 2, blocks, block_size, kv_heads, d].
+        """input_ids, positions: [T]; kv_cache: the block pool [2, blocks, block_size, kv_heads, d] that
+        every layer shares, each through its own slots and block tables in `batch`.
 
         `skip` None runs every sublayer on every row (the plain path below, untouched).
         `before_layer(i)` runs before layer i reads the cache: it waits for history KV still loading.
@@ -102,7 +103,7 @@ class LlamaModel:
             if before_layer is not None:
                 before_layer(i)
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            x = x + self._attention(h, layer, cos, sin, batch, kv_cache[i, 0], kv_cache[i, 1])
+            x = x + self._attention(h, layer, i, cos, sin, batch, kv_cache)
             h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down)
@@ -127,7 +128,7 @@ class LlamaModel:
             x_in = x
             if ls.attn_rows is None:
                 h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-                x = x + self._attention(h, layer, cos, sin, batch, kv_cache[i, 0], kv_cache[i, 1])
+                x = x + self._attention(h, layer, i, cos, sin, batch, kv_cache)
             else:
                 assert ls.attn_scale is not None
                 rows = ls.attn_rows
@@ -138,7 +139,7 @@ class LlamaModel:
                     xr = x_in[rows]
                     h = rms_norm(xr, layer.attn_norm, cfg.rms_norm_eps)
                     x[rows] = xr + self._attention(
-                        h, layer, cos[rows], sin[rows], sub_batches[id(rows)], kv_cache[i, 0], kv_cache[i, 1]
+                        h, layer, i, cos[rows], sin[rows], sub_batches[id(rows)], kv_cache
                     )
             a = x
             if ls.ffn_rows is None:
@@ -187,31 +188,33 @@ class LlamaModel:
         self,
         h: torch.Tensor,
         layer: LlamaLayer,
+        index: int,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: AttentionBatch,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         cfg = self.cfg
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = h.shape[0]
         qkv = F.linear(h, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(k.view(t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
-        write_kv(k_cache, v_cache, k, v, batch.slots)
+        write_kv(k_cache, v_cache, k, v, batch.slots[index])
 
         out = torch.empty_like(q)
         for p in batch.prefills:
             if p.context_slots is None:
                 ks, vs = k[p.start : p.end], v[p.start : p.end]
             else:
-                ks, vs = gather_kv(k_cache, p.context_slots), gather_kv(v_cache, p.context_slots)
+                slots = p.context_slots[index]
+                ks, vs = gather_kv(k_cache, slots), gather_kv(v_cache, slots)
             out[p.start : p.end] = prefill_attention(q[p.start : p.end], ks, vs, self.scale)
         if batch.decode_rows.numel():
             rows = batch.decode_rows
             out[rows] = paged_decode_attention(
-                q[rows], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale
+                q[rows], k_cache, v_cache, batch.decode_block_tables[index], batch.decode_context_lens, self.scale
             )
         return F.linear(out.view(t, self.q_size), layer.o)

@@ -62,6 +62,14 @@ class RequestSkipState:
     def online(self) -> bool:
         return self.policy.online and self.policy.beta is not None and self.mode in ("decode", "e2e")
 
+    def attn_skips(self, is_prefill: bool, decode_step: int | None = None) -> set[int]:
+        """The attention layers the step `plan_for_step` would plan next skips, without planning it:
+        the scheduler gives the request no KV blocks at those layers."""
+        step = None if is_prefill else (self.decode_steps if decode_step is None else decode_step)
+        skips_now = self.mode == "e2e" or (self.mode == "prefill") == is_prefill
+        chosen = self.policy.skip_set(step).attn if skips_now else {}
+        return set(self.attn_skipped) | set(chosen)
+
     def plan_for_step(self, is_prefill: bool, decode_step: int | None = None) -> SkipSet:
         """The sublayers this request skips in the step being built (call once per step, in order).
 

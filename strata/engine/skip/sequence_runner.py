@@ -21,9 +21,12 @@ class SequenceRunner:
         self.model = model
         self.block_size = block_size
         blocks = -(-max_tokens // block_size)
-        self.kv = torch.zeros(cfg.num_hidden_layers, 2, blocks, block_size, cfg.num_key_value_heads,
-                              cfg.head_dim, dtype=model.dtype)
-        self.table = torch.arange(blocks)  # identity block table: slot = position
+        layers = cfg.num_hidden_layers
+        self.kv = torch.zeros(2, layers * blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                              dtype=model.dtype)
+        # Layer l owns blocks l * blocks ..: a token's slot there is l * blocks * block_size + position.
+        self.table = torch.arange(layers * blocks).view(layers, blocks)
+        self._layer_base = torch.arange(layers)[:, None] * blocks * block_size
         self.length = 0
 
     def reset(self) -> None:
@@ -46,10 +49,10 @@ class SequenceRunner:
         """Append `ids` as one prefill chunk. Returns logits of rows logits_from.. (default: the
         last row only) and, with `measure`, per-layer IO statistics of every row."""
         start, n = self.length, len(ids)
-        slots = torch.arange(start, start + n)
-        ctx = torch.arange(start + n) if start > 0 else None
+        slots = self._layer_base + torch.arange(start, start + n)
+        ctx = self._layer_base + torch.arange(start + n) if start > 0 else None
         batch = AttentionBatch(slots, [PrefillSlice(0, n, start, ctx)], _NONE,
-                               torch.zeros(0, 1, dtype=torch.long), _NONE)
+                               torch.zeros(len(self.table), 0, 1, dtype=torch.long), _NONE)
         hidden, stats = self._forward(ids, batch, skip, measure)
         rows = hidden[n - 1 :] if logits_from is None else hidden[logits_from:]
         with torch.inference_mode():
@@ -58,8 +61,8 @@ class SequenceRunner:
     def decode(self, token: int, skip: SkipSet | None = None,
                measure: bool = False) -> tuple[torch.Tensor, list[SublayerStats]]:
         """One decode step; returns the logits [vocab] of the next token."""
-        slot = torch.tensor([self.length])
-        batch = AttentionBatch(slot, [], torch.tensor([0]), self.table[None],
+        slot = self._layer_base + self.length
+        batch = AttentionBatch(slot, [], torch.tensor([0]), self.table[:, None],
                                torch.tensor([self.length + 1]))
         hidden, stats = self._forward([token], batch, skip, measure)
         with torch.inference_mode():
