@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,21 @@ def hf_model(model_files: ModelFiles):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(str(model_files.directory), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def model(model_files: ModelFiles):
+    """strata's own Llama on the default model's weights, float32 (driven directly, without an engine)."""
+    from strata.engine.models.llama import LlamaModel
+
+    return LlamaModel.load(model_files.directory, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_files: ModelFiles):
+    from strata.engine.tokenizer import Tokenizer
+
+    return Tokenizer(model_files.directory)
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +128,15 @@ def client(server: ServerProcess):
 @pytest.fixture(scope="session")
 def model_name(client) -> str:
     return client.models.list().data[0].id
+
+
+@contextmanager
+def started(procs: dict[str, ServerProcess]) -> Iterator[dict[str, ServerProcess]]:
+    """Wait until every server is ready; stop them all on the way out, ready or not."""
+    try:
+        for p in procs.values():
+            p.wait_ready()
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()

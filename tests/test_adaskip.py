@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, PrefillSlice, SkipPlan, SublayerStats
-from strata.engine.models.llama import LlamaModel
 from strata.engine.skip import corpus
 from strata.engine.skip.calibrate import collect_statistics, run_calibration
 from strata.engine.skip.plan import build_skip_plan
@@ -19,20 +18,9 @@ from strata.engine.skip.profile import ProfileMismatchError, SkipProfile
 from strata.engine.skip.request_state import RequestSkipState
 from strata.engine.skip.sequence_runner import SequenceRunner
 from strata.engine.skip.skip_set import SkipSet
-from strata.engine.tokenizer import Tokenizer
 
 NONE = torch.zeros(0, dtype=torch.long)
 BUDGET = 8
-
-
-@pytest.fixture(scope="module")
-def model(model_files) -> LlamaModel:
-    return LlamaModel.load(model_files.directory, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_files) -> Tokenizer:
-    return Tokenizer(model_files.directory)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from strata.engine.sequence import Sequence
 from strata.engine.skip.calibrate import run_calibration
 from strata.engine.skip.policy import make_policy
 from strata.engine.skip.profile import PROFILE_FILE, SkipProfile
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, started
 
 QUESTION = [{"role": "user", "content": "Tell me about the moon."}]
 TURN_2 = "How far away is it?"
@@ -164,13 +164,8 @@ def servers(model_dirs, tmp_path_factory) -> Iterator[dict[str, ServerProcess]]:
         "baseline": ServerProcess("--model", bare, "--kv-cache-gb", "0.05", "--skip-policy", "early-exit",
                                   "--skip-mode", "decode", log=logs / "baseline.log"),
     }
-    try:
-        for p in procs.values():
-            p.wait_ready()
+    with started(procs):
         yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
 
 
 def client_of(srv: ServerProcess) -> openai.OpenAI:

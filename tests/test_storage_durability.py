@@ -20,6 +20,7 @@ from strata.storage.block_table import BlockTable
 from strata.storage.chunk_file import ChunkLayout, validate_file
 from strata.storage.kv_store import KVLoadError, KVStore
 from strata.storage.ssd_scan import file_stem
+from tests.kv_load import load_kv
 
 L, H, D, BS = 4, 2, 16, 16
 CHUNK = 32
@@ -49,20 +50,6 @@ def save_session(store: KVStore, key: str, ids: list[int], seed: int) -> torch.T
     return kv
 
 
-def load(store: KVStore, key: str, n: int) -> torch.Tensor:
-    pool = store.pool
-    bt = BlockTable.allocate(pool, n)
-    s = bt.slots(BS, 0, n)
-    pool.write(s, torch.zeros(L, 2, n, H, D))
-    try:
-        handle = store.start_load(key, n, bt)
-        for layer in range(L):
-            store.wait_layer(handle, layer, timeout=10)
-        return pool.read(s)
-    finally:
-        bt.release(pool)
-
-
 def chunk_files(ssd: Path) -> list[Path]:
     return sorted(p for p in ssd.iterdir() if p.suffix == ".kvc")
 
@@ -89,7 +76,7 @@ def test_restart_round_trip(stored):
     ssd, ids, kv = stored
     store = open_store(make_pool(), ssd)
     assert store.lookup("t:a", ids) == (100, "ssd")
-    assert torch.equal(load(store, "t:a", 100), kv)
+    assert torch.equal(load_kv(store, "t:a", 100), kv)
     assert store.stats()["corrupt_chunks_discarded"] == 0
     store.close()
 
@@ -102,7 +89,7 @@ def test_flipped_payload_byte_is_discarded(stored):
     assert st["corrupt_chunks_discarded"] == 1 and st["chunks_discarded_checksum"] == 1
     assert st["chunks_discarded_stale"] == 2  # chunks after the gap cannot be served either
     assert store.lookup("t:a", ids) == (CHUNK, "ssd")
-    assert torch.equal(load(store, "t:a", CHUNK), kv[:, :, :CHUNK])
+    assert torch.equal(load_kv(store, "t:a", CHUNK), kv[:, :, :CHUNK])
     assert len(chunk_files(ssd)) == 1
     store.close()
 
@@ -146,7 +133,7 @@ def test_truncated_file_is_discarded(stored):
     store = open_store(make_pool(), ssd)
     assert store.stats()["chunks_discarded_truncated"] == 1
     assert store.lookup("t:a", ids) == (3 * CHUNK, "ssd")
-    assert torch.equal(load(store, "t:a", 3 * CHUNK), kv[:, :, :3 * CHUNK])
+    assert torch.equal(load_kv(store, "t:a", 3 * CHUNK), kv[:, :, :3 * CHUNK])
     store.close()
 
 
@@ -159,7 +146,7 @@ def test_leftover_temp_files_are_removed(stored):
     assert store.stats()["temp_files_removed"] == 2
     assert sorted(p.name for p in ssd.iterdir()) == [p.name for p in chunk_files(ssd)]
     assert store.lookup("t:a", ids) == (100, "ssd")
-    assert torch.equal(load(store, "t:a", 100), kv)
+    assert torch.equal(load_kv(store, "t:a", 100), kv)
     store.close()
 
 
@@ -191,7 +178,7 @@ def test_corruption_found_while_loading(stored):
     st = store.stats()
     assert st["corrupt_chunks_discarded"] == 1 and st["load_errors"] == 1
     assert store.lookup("t:a", ids) == (2 * CHUNK, "ssd")
-    assert torch.equal(load(store, "t:a", 2 * CHUNK), kv[:, :, :2 * CHUNK])
+    assert torch.equal(load_kv(store, "t:a", 2 * CHUNK), kv[:, :, :2 * CHUNK])
     store.close()
     store = open_store(make_pool(), ssd)  # and after a restart it stays gone
     assert store.lookup("t:a", ids).tokens == 2 * CHUNK
@@ -272,7 +259,7 @@ def test_sigkill_mid_save_serves_nothing_wrong(tmp_path, delay):
         tokens = store.lookup(f"s{i}", _variant_ids(i, v)).tokens
         # The stored ids are exactly a prefix of one history, and its KV is that history's KV.
         assert tokens == info["tokens"] > 0
-        assert torch.equal(load(store, f"s{i}", tokens), _variant_kv(i, v)[:, :, :tokens])
+        assert torch.equal(load_kv(store, f"s{i}", tokens), _variant_kv(i, v)[:, :, :tokens])
         served += 1
     assert served >= 1
     assert store.stats()["corrupt_chunks_discarded"] == 0  # a crash leaves no half-written chunk

@@ -12,6 +12,7 @@ import torch
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVLoadError, KVStore
+from tests.kv_load import load_kv
 
 L, H, D, BS = 4, 2, 16, 16
 TOKEN_BYTES = L * 2 * H * D * 4  # float32
@@ -30,19 +31,6 @@ def put_session(pool: BlockPool, n: int, seed: int) -> tuple[BlockTable, torch.T
     kv = torch.randn(L, 2, n, H, D, generator=torch.Generator().manual_seed(seed))
     pool.write(bt.slots(BS, 0, n), kv)
     return bt, kv
-
-
-def load(store: KVStore, pool: BlockPool, key: str, n: int) -> torch.Tensor:
-    bt = BlockTable.allocate(pool, n)
-    s = bt.slots(BS, 0, n)
-    pool.write(s, torch.zeros(L, 2, n, H, D))
-    try:
-        handle = store.start_load(key, n, bt)
-        for layer in range(L):
-            store.wait_layer(handle, layer, timeout=10)
-        return pool.read(s)
-    finally:
-        bt.release(pool)
 
 
 def toks(n: int, base: int = 0) -> list[int]:
@@ -74,8 +62,8 @@ def test_round_trip_dram(pool, tmp_path):
     store = make_store(pool, tmp_path)
     kv = store_session(store, pool, "t:a", toks(100), seed=1)
     assert store.lookup("t:a", toks(100) + [7]) == (100, "dram")
-    assert torch.equal(load(store, pool, "t:a", 100), kv)
-    assert torch.equal(load(store, pool, "t:a", 40), kv[:, :, :40])
+    assert torch.equal(load_kv(store, "t:a", 100), kv)
+    assert torch.equal(load_kv(store, "t:a", 40), kv[:, :, :40])
     st = store.stats()
     assert st["tokens_reused_dram"] == 140 and st["bytes_loaded_dram"] == 140 * TOKEN_BYTES
     store.close()
@@ -87,8 +75,8 @@ def test_round_trip_ssd_after_dram_eviction(pool, tmp_path):
     kv_b = store_session(store, pool, "t:b", toks(100, 1000), seed=2)
     assert store.info("t:a")["tier"] == "ssd"
     assert store.lookup("t:a", toks(100)) == (100, "ssd")
-    assert torch.equal(load(store, pool, "t:a", 100), kv_a)
-    assert torch.equal(load(store, pool, "t:b", 100), kv_b)
+    assert torch.equal(load_kv(store, "t:a", 100), kv_a)
+    assert torch.equal(load_kv(store, "t:b", 100), kv_b)
     st = store.stats()
     assert st["evictions_dram"] > 0 and st["bytes_loaded_ssd"] > 0
     assert st["bytes_loaded_ssd"] + st["bytes_loaded_dram"] == 200 * TOKEN_BYTES
@@ -99,11 +87,11 @@ def test_round_trip_ssd_after_dram_eviction(pool, tmp_path):
 def test_dram_only_store(pool, tmp_path):
     store = make_store(pool, tmp_path, ssd_dir=None, dram_bytes=4 * CHUNK_BYTES)
     kv = store_session(store, pool, "t:a", toks(60), seed=3)
-    assert torch.equal(load(store, pool, "t:a", 60), kv)
+    assert torch.equal(load_kv(store, "t:a", 60), kv)
     store_session(store, pool, "t:b", toks(100, 500), seed=4)  # no SSD: a's KV is dropped, never half-served
     hit = store.lookup("t:a", toks(60))
     if hit.tokens:
-        assert torch.equal(load(store, pool, "t:a", hit.tokens), kv[:, :, :hit.tokens])
+        assert torch.equal(load_kv(store, "t:a", hit.tokens), kv[:, :, :hit.tokens])
     assert store.stats()["occupancy_bytes_dram"] <= 4 * CHUNK_BYTES
     store.close()
 
@@ -121,7 +109,7 @@ def test_incremental_saves_store_only_new_tokens(pool, tmp_path):
     saved = store.stats()["bytes_saved_dram"]
     assert saved == 90 * TOKEN_BYTES
     assert store.lookup("t:a", ids) == (90, "dram")
-    assert torch.equal(load(store, pool, "t:a", 90), kv)
+    assert torch.equal(load_kv(store, "t:a", 90), kv)
     # A save starting past what is stored would leave a hole: dropped, nothing more is served.
     store.save("t:b", ids, bt, 10, 20)
     store.flush()
@@ -146,9 +134,9 @@ def test_longest_common_prefix_and_edited_history(pool, tmp_path):
     store.flush()
     assert store.info("t:a")["tokens"] == 70
     assert store.lookup("t:a", ids) == (70, "dram")
-    assert torch.equal(load(store, pool, "t:a", 70), kv[:, :, :70])
+    assert torch.equal(load_kv(store, "t:a", 70), kv[:, :, :70])
     with pytest.raises(KVLoadError):
-        store.start_load("t:a", 71, list(range(5)))
+        store.start_load("t:a", 71, BlockTable(L))
     assert store.lookup("t:other", ids) == (0, None)
     store.close()
 
@@ -162,7 +150,7 @@ def test_cut_back_survives_restart(pool, tmp_path):
     store = make_store(make_pool(), tmp_path)
     assert store.info("t:a")["tokens"] == 40  # the cut chunk was rewritten, later ones deleted
     assert store.lookup("t:a", ids) == (40, "ssd")
-    assert torch.equal(load(store, store.pool, "t:a", 40), kv[:, :, :40])
+    assert torch.equal(load_kv(store, "t:a", 40), kv[:, :, :40])
     store.close()
 
 
@@ -185,7 +173,7 @@ def test_budgets_never_exceeded_with_many_sessions(pool, tmp_path):
         hit = store.lookup(key, toks(40 + i, 1000 * i))
         if hit.tokens:
             served += 1
-            assert torch.equal(load(store, pool, key, hit.tokens), kv[:, :, :hit.tokens])
+            assert torch.equal(load_kv(store, key, hit.tokens), kv[:, :, :hit.tokens])
     assert served >= 4
     store.close()
 
@@ -227,7 +215,7 @@ def test_prefetch_for_queued_sessions(tmp_path):
             assert store.lookup("t:a", toks(CHUNK)) == (CHUNK, "dram")
         else:
             assert store.info("t:a")["tier"] == "ssd" and st["prefetches_issued"] == 0
-        assert torch.equal(load(store, pool, "t:a", CHUNK), kv_a)
+        assert torch.equal(load_kv(store, "t:a", CHUNK), kv_a)
         assert store.stats()["prefetches_used"] == (1 if policy == "scheduler" else 0)
         assert store.stats()["occupancy_bytes_dram"] <= 2 * CHUNK_BYTES + 100
         store.close()
@@ -259,7 +247,7 @@ def test_pin_keeps_session_over_lru(tmp_path):
     assert store.info("t:a")["tier"] == "dram" and store.info("t:b")["tier"] == "ssd"
     store_session(store, pool, "t:d", toks(CHUNK, 300), seed=4)  # SSD holds three files: b's go, not a's
     assert store.lookup("t:a", toks(CHUNK)).tokens == CHUNK
-    assert torch.equal(load(store, pool, "t:a", CHUNK), kv_a)
+    assert torch.equal(load_kv(store, "t:a", CHUNK), kv_a)
     assert store.info("t:a")["tokens_ssd"] == CHUNK
     assert store.info("t:b") is None or store.info("t:b")["tokens"] == 0
     store.close()
@@ -314,7 +302,7 @@ def test_layer_wise_load(tmp_path, tier):
     h2.cancel()
     with pytest.raises(KVLoadError):
         store.wait_layer(h2, 3, timeout=10)
-    assert torch.equal(load(store, pool, "t:a", 70), kv)
+    assert torch.equal(load_kv(store, "t:a", 70), kv)
     store.close()
 
 
@@ -333,7 +321,7 @@ def test_concurrent_turns_with_background_eviction(tmp_path):
             assert hit.tokens <= n - 30  # never more than the last turn stored
             if hit.tokens:
                 hits += 1
-                assert torch.equal(load(store, pool, key, hit.tokens), kv[:, :, :hit.tokens])
+                assert torch.equal(load_kv(store, key, hit.tokens), kv[:, :, :hit.tokens])
             bt = BlockTable.allocate(pool, n)
             pool.write(bt.slots(BS, 0, n), kv[:, :, :n])
             store.save(key, ids, bt, hit.tokens, n)

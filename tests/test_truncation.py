@@ -24,7 +24,7 @@ from strata.server.overflow import dropped_range, fit_messages
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
 from strata.storage.kv_store import KVStore
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, started
 
 EMPTY = torch.zeros(0, dtype=torch.long)
 BS = 16
@@ -51,16 +51,6 @@ def prefill(model: LlamaModel, pool: BlockPool, table: BlockTable, ids: list[int
 def perplexity(logits: torch.Tensor, targets: list[int]) -> float:
     """logits[i] predicts targets[i]."""
     return math.exp(F.cross_entropy(logits[: len(targets)], torch.tensor(targets)).item())
-
-
-@pytest.fixture(scope="module")
-def model(model_files) -> LlamaModel:
-    return LlamaModel.load(model_files.directory, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_files) -> Tokenizer:
-    return Tokenizer(model_files.directory)
 
 
 def document(tokenizer: Tokenizer, module: str) -> list[int]:
@@ -167,13 +157,8 @@ def servers(tmp_path_factory):
     procs = {"sessions": ServerProcess(*common, log=d / "sessions.log"),
              "reference": ServerProcess(*common, "--no-session-cache", log=d / "reference.log"),
              "error": ServerProcess(*common, "--context-overflow", "error", log=d / "error.log")}
-    try:
-        for p in procs.values():
-            p.wait_ready()
+    with started(procs):
         yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
 
 
 def same_up_to_near_ties(ours: httpx.Response, ref: httpx.Response, tolerance: float = 0.3) -> None:

@@ -68,10 +68,14 @@ class BlockPool:
     def free(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
 
+    def _index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of slots_view that broadcast to [layers, 2, n]: one gather yields the layer-major copy."""
+        return torch.arange(2, device=self.kv.device)[None, :, None], slots.to(self.kv.device)[:, None, :]
+
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """A copy of the K/V at `slots` ([layers, n], one row of slots per layer): [layers, 2, n, heads, dim]."""
-        return self.slots_view[:, slots.to(self.kv.device)].transpose(0, 1).contiguous()
+        return self.slots_view[self._index(slots)]
 
     def write(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """The inverse of read(): kv [layers, 2, n, heads, dim] into `slots` [layers, n]."""
-        self.slots_view[:, slots.to(self.kv.device)] = kv.to(self.kv.device).transpose(0, 1)
+        self.slots_view[self._index(slots)] = kv.to(self.kv.device)

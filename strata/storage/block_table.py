@@ -90,8 +90,6 @@ class BlockTable:
         """Slots of tokens [start, end) at every layer: [layers, end - start]; -1 where a layer holds none."""
         pos = torch.arange(start, end)
         index = pos // block_size
-        table = self.tensor()
-        if end > start and table.shape[1] <= int(index[-1]):
-            table = torch.nn.functional.pad(table, (0, int(index[-1]) + 1 - table.shape[1]))
+        table = self.tensor()  # some layer (layer 0 is never skipped) holds every token asked for
         held = torch.tensor([len(blocks) for blocks in self.layers])[:, None] > index[None, :]
         return torch.where(held, table[:, index] * block_size + pos % block_size, -1)
