@@ -141,7 +141,7 @@ def tier_load_rates(tokens: int, ssd_dir: Path) -> dict[str, float]:
         dst = BlockTable.allocate(pool, tokens)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        handle = s.start_load("s", tokens, dst)
+        handle = s.start_load("s", ids, tokens, dst)
         for layer in range(LAYERS):
             s.wait_layer(handle, layer, timeout=120)
         torch.cuda.synchronize()  # the runner's stream waited on the last layer's event

@@ -186,14 +186,14 @@ def test_tier_load_puts_the_same_kv_into_new_blocks(tmp_path, tier):
         store.finish("s", ids)
         store.flush()
         if tier == "ssd":  # drop the DRAM copies: the load must read the chunk files
-            with store._lock:
-                for chunk in store._entries["s"].chunks:
-                    store._evict_dram_chunk_locked(store._entries["s"], chunk)
+            with store.index.lock:
+                for chunk in store.index.entries["s"].chunks:
+                    store.dram.evict_chunk_locked(store.index.entries["s"], chunk)
         hit = store.lookup("s", ids + [1])
         assert hit == (40, tier)
         dst_blocks = BlockTable.allocate(pool, 40)
         pool.kv[:, torch.tensor(dst_blocks.blocks())] = float("nan")
-        handle = store.start_load("s", 40, dst_blocks)
+        handle = store.start_load("s", ids, 40, dst_blocks)
         for layer in range(3):
             store.wait_layer(handle, layer, timeout=30)
             assert handle.event(layer) is None  # on CPU there is no stream to wait on

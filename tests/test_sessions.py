@@ -51,7 +51,7 @@ def test_every_tier_serves_what_recomputation_serves(tmp_path, reference):
         msgs = histories[key] + [{"role": "user", "content": TURNS[i]}]
         ids = eng.tokenizer.encode_chat(msgs)
         if force == "store":
-            eng.reuse.cache.drop(key)  # not in HBM: must come from the store
+            eng.kv.cache.drop(key)  # not in HBM: must come from the store
             eng.store.flush()
         got = answer(eng, f"{key}{i}", ids, key)
         want = answer(reference, f"{key}{i}", ids, None)
@@ -89,7 +89,7 @@ def test_edited_history_reuses_only_the_common_prefix(tmp_path, reference):
     assert 0 < got[2] <= common
     assert got[0] == answer(reference, "3", ids, None)[0]
     for tier in ("dram", "ssd"):  # the same from the store, after the cut-back
-        engine.reuse.cache.drop("s")
+        engine.kv.cache.drop("s")
         engine.store.flush()
         again = answer(engine, f"4{tier}", ids, "s")
         assert again[0] == got[0] and again[3] in ("dram", "ssd") and again[2] > common

@@ -49,8 +49,8 @@ def engine(model_dirs) -> LLMEngine:
 def run(engine: LLMEngine, requests: list[Request], seqs: dict[str, Sequence] | None = None
         ) -> dict[str, tuple[list[int], list[float]]]:
     """Greedy tokens and their logprobs per request, from an empty device cache (no prefix reuse)."""
-    for key in engine.reuse.cache.keys():
-        engine.reuse.cache.drop(key)
+    for key in engine.kv.cache.keys():
+        engine.kv.cache.drop(key)
     for r in requests:
         engine.add_request(r)
         if seqs is not None:
@@ -89,8 +89,8 @@ def test_skipped_attention_layers_allocate_no_kv_blocks(engine, mode):
     skip began (none in e2e, the prompt in decode mode); every other layer holds all its tokens."""
     ids = engine.tokenizer.encode_chat(QUESTION)
     layers, pool = engine.model.cfg.num_hidden_layers, engine.pool
-    for key in engine.reuse.cache.keys():
-        engine.reuse.cache.drop(key)
+    for key in engine.kv.cache.keys():
+        engine.kv.cache.drop(key)
     assert pool.num_used == 0
     engine.add_request(Request(mode, ids, greedy(40), skip=SkipRequest(16, mode)))
     seq = engine._seqs[mode]

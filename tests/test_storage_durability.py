@@ -171,7 +171,7 @@ def test_corruption_found_while_loading(stored):
     assert store.lookup("t:a", ids) == (100, "ssd")
     flip_byte(chunk_files(ssd)[2], 50)  # bit rot after the start-up scan
     bt = BlockTable.allocate(store.pool, 100)
-    handle = store.start_load("t:a", 100, bt)
+    handle = store.start_load("t:a", ids, 100, bt)
     with pytest.raises(KVLoadError):
         for layer in range(L):
             store.wait_layer(handle, layer, timeout=10)
@@ -278,6 +278,6 @@ def test_bfloat16_restart_round_trip(tmp_path):
     pool.kv.zero_()
     store = KVStore(pool, **kwargs)
     assert store.lookup("t:a", list(range(70))) == (70, "ssd")
-    store.wait_layer(store.start_load("t:a", 70, bt), L - 1, timeout=10)
+    store.wait_layer(store.start_load("t:a", list(range(70)), 70, bt), L - 1, timeout=10)
     assert torch.equal(pool.read(bt.slots(BS, 0, 70)), kv)
     store.close()

@@ -136,7 +136,7 @@ def test_longest_common_prefix_and_edited_history(pool, tmp_path):
     assert store.lookup("t:a", ids) == (70, "dram")
     assert torch.equal(load_kv(store, "t:a", 70), kv[:, :, :70])
     with pytest.raises(KVLoadError):
-        store.start_load("t:a", 71, BlockTable(L))
+        store.start_load("t:a", ids, 71, BlockTable(L))
     assert store.lookup("t:other", ids) == (0, None)
     store.close()
 
@@ -280,7 +280,7 @@ def test_layer_wise_load(tmp_path, tier):
     bt = BlockTable.allocate(pool, 70)
     s = bt.slots(BS, 0, 70)
     pool.write(s, torch.zeros(L, 2, 70, H, D))
-    handle = store.start_load("t:a", 70, bt)
+    handle = store.start_load("t:a", toks(70), 70, bt)
     store.wait_layer(handle, 0, timeout=10)
     assert torch.equal(pool.read(s)[0], kv[0])
     time.sleep(0.2)  # the loader may run one layer ahead of the runner, not more
@@ -298,7 +298,7 @@ def test_layer_wise_load(tmp_path, tier):
     st = store.stats()
     assert st["load_seconds"] > 0 and st["load_stall_seconds"] > 0  # the runner did wait for layers 2, 3
     # An abandoned load can be cancelled and does not block the next one.
-    h2 = store.start_load("t:a", 70, bt)
+    h2 = store.start_load("t:a", toks(70), 70, bt)
     h2.cancel()
     with pytest.raises(KVLoadError):
         store.wait_layer(h2, 3, timeout=10)
@@ -321,7 +321,7 @@ def test_concurrent_turns_with_background_eviction(tmp_path):
             assert hit.tokens <= n - 30  # never more than the last turn stored
             if hit.tokens:
                 hits += 1
-                assert torch.equal(load_kv(store, key, hit.tokens), kv[:, :, :hit.tokens])
+                assert torch.equal(load_kv(store, key, hit.tokens, ids), kv[:, :, :hit.tokens])
             bt = BlockTable.allocate(pool, n)
             pool.write(bt.slots(BS, 0, n), kv[:, :, :n])
             store.save(key, ids, bt, hit.tokens, n)

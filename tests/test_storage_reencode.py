@@ -92,7 +92,7 @@ def test_store_truncate_re_rotates_and_persists(tmp_path):
     assert store.lookup("t:a", new_ids + [5]) == (60, "ssd")
     pool = store.pool
     bt2 = BlockTable.allocate(pool, 60)
-    handle = store.start_load("t:a", 60, bt2)
+    handle = store.start_load("t:a", new_ids, 60, bt2)
     store.wait_layer(handle, L - 1, timeout=10)
     got = pool.read(bt2.slots(BS, 0, 60))
     assert torch.allclose(got, expected, atol=1e-5)

@@ -90,7 +90,7 @@ def three_ways(model: LlamaModel, ids: list[int], tmp_path) -> tuple[float, floa
         assert store.truncate("s", HEAD, CONTEXT - TAIL) == len(kept)
         assert store.lookup("s", kept + follow).tokens == len(kept)
         table = BlockTable.allocate(pool, len(kept) + len(follow))
-        handle = store.start_load("s", len(kept), table)
+        handle = store.start_load("s", kept, len(kept), table)
         for layer in range(cfg.num_hidden_layers):
             store.wait_layer(handle, layer, timeout=30)
         rotated = prefill(model, pool, table, follow, len(kept), len(kept))

@@ -1,7 +1,14 @@
 """The engine's asynchronous front: `generate()` streams outputs while the engine loop runs in its own thread.
 
 The loop thread owns the engine; other threads only post to its inbox, so the
-scheduler and the KV cache need no locks.
+scheduler and the KV cache need no locks. What it shows the outside (/metrics)
+it publishes as a snapshot.
+
+Failures stay as small as they can: a request whose sampling or text fails ends
+alone (LLMEngine.step), a failed forward pass ends the requests of that batch,
+and only repeated failures, or anything that ends the thread, mark the engine
+dead: then every open request ends with an error at once, new ones get 503 and
+/health says why.
 """
 
 from __future__ import annotations
@@ -10,14 +17,22 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from strata.engine.llm_engine import LLMEngine, RequestRejected
 from strata.engine.request import Request, RequestOutput
+from strata.engine.stats import EngineSnapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MAX_STEP_FAILURES = 3  # consecutive failed steps that mark the engine dead
+SNAPSHOT_EVERY_S = 0.2
+IDLE_WAIT_S = 1.0
+STALLED_WAIT_S = 0.005  # work queued but nothing could run this step (blocks, loads): don't spin
+WATCHDOG_S = 0.5  # how often a waiting stream checks that the engine thread still lives
 
 
 class EngineOverloaded(RuntimeError):
@@ -37,13 +52,30 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
-        self.alive = False
+        self._started = False
+        self.dead_reason: str | None = None
+        self.heartbeat = time.monotonic()  # last turn of the engine loop
+        self.snapshot: EngineSnapshot = engine.snapshot(0)
+
+    @property
+    def alive(self) -> bool:
+        return self._started and self.dead_reason is None and self._thread.is_alive()
+
+    @property
+    def status(self) -> str:
+        """Why the engine cannot serve ("ok" when it can)."""
+        if self.alive:
+            return "ok"
+        if not self._started:
+            return "starting"
+        return self.dead_reason or "the engine thread ended"
 
     def start(self) -> None:
-        self.alive = True
+        self._started = True
         self._thread.start()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking work, end what is in flight, write back the tiers (within `timeout` seconds)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
@@ -63,7 +95,12 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                out = await stream.get()
+                try:
+                    out = await asyncio.wait_for(stream.get(), WATCHDOG_S)
+                except TimeoutError:
+                    if not self.alive and stream.empty():  # the thread ended without telling us
+                        raise EngineDead(f"the engine stopped: {self.status}") from None
+                    continue
                 if out.error is not None and out.finish_reason == "rejected":
                     raise RequestRejected(out.error)
                 finished = out.finished
@@ -78,12 +115,14 @@ class AsyncEngine:
 
     def check_admission(self) -> None:
         if not self.alive:
-            raise EngineDead("the engine is not running")
-        if self.engine.num_waiting >= self.engine.config.max_queue:
+            raise EngineDead(f"the engine is not running: {self.status}")
+        if self.snapshot.waiting >= self.engine.config.max_queue:
             raise EngineOverloaded("too many requests are waiting")
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread (which owns the engine) and return its result."""
+        if not self.alive:
+            raise EngineDead(f"the engine is not running: {self.status}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
@@ -110,7 +149,12 @@ class AsyncEngine:
             target = self._streams.get(out.request_id)
         if target is not None:
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, out)
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, out)
+            except RuntimeError:  # that request's event loop is closed: nobody listens any more
+                pass
+
+    # ------------------------------------------------------------------ the engine thread
 
     def _drain_inbox(self) -> None:
         while True:
@@ -118,32 +162,84 @@ class AsyncEngine:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                try:
-                    self.engine.add_request(item)
-                except RequestRejected as e:
+            try:
+                if kind == "add":
+                    try:
+                        self.engine.add_request(item)
+                    except RequestRejected as e:
+                        self._deliver(RequestOutput(item.request_id, [], "", [], len(item.prompt_ids), 0,
+                                                    finished=True, finish_reason="rejected", error=str(e)))
+                elif kind == "abort":
+                    self.engine.abort(item)
+                elif kind == "call":
+                    item()
+            except Exception as e:  # one bad item ends its own request, never the loop
+                log.exception("engine inbox item %s failed", kind)
+                if kind == "add":
                     self._deliver(RequestOutput(item.request_id, [], "", [], len(item.prompt_ids), 0,
-                                                finished=True, finish_reason="rejected", error=str(e)))
-            elif kind == "abort":
-                self.engine.abort(item)
-            elif kind == "call":
-                item()
+                                                finished=True, finish_reason="error", error=f"internal error: {e}"))
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            self._failures += 1
+            log.exception("engine step failed (%d in a row)", self._failures)
+            outputs = self.engine.fail_batch(f"internal error: {e}")
+            if self._failures >= MAX_STEP_FAILURES:
+                for out in outputs:
+                    self._deliver(out)
+                raise RuntimeError(f"{self._failures} engine steps failed in a row, the last with: {e!r}") from e
+            return outputs
+        self._failures = 0
+        return outputs
+
+    def _publish(self, now: float) -> None:
+        self.snapshot = self.engine.snapshot(len(self._streams))
+        self._published = now
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            self._drain_inbox()
-            if not self.engine.has_work():
-                self._wake.wait(timeout=1.0)
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug: fail the requests in flight, keep serving new ones
-                log.exception("engine step failed")
-                outputs = self.engine.fail_all(f"internal error: {e}")
-            for out in outputs:
+        reason = "the server is shutting down"
+        self._failures = 0
+        self._published = 0.0
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                now = time.monotonic()
+                self.heartbeat = now
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self._publish(now)
+                    self._wake.wait(timeout=IDLE_WAIT_S)
+                    continue
+                steps = self.engine.stats.steps
+                outputs = self._step()
+                for out in outputs:
+                    self._deliver(out)
+                if now - self._published >= SNAPSHOT_EVERY_S:
+                    self._publish(now)
+                if self.engine.stats.steps == steps and not outputs:
+                    self._wake.wait(timeout=STALLED_WAIT_S)
+        except BaseException as e:  # noqa: BLE001 -- whatever ends the thread must be said and answered
+            reason = f"the engine failed: {e!r}"
+            log.critical("engine thread ending: %s", reason, exc_info=True)
+        finally:
+            self._die(reason)
+
+    def _die(self, reason: str) -> None:
+        """The engine thread is ending: refuse new work, end every open request, then write back the tiers."""
+        self.dead_reason = reason
+        try:
+            for out in self.engine.fail_all(reason):
                 self._deliver(out)
-        for out in self.engine.fail_all("the server is shutting down"):
-            self._deliver(out)
-        self.engine.close()
-        self.alive = False
+        except Exception:
+            log.exception("ending the engine's requests failed")
+        with self._streams_lock:
+            orphans = list(self._streams)
+        for rid in orphans:  # whatever the engine lost track of
+            self._deliver(RequestOutput(rid, [], "", [], 0, 0, finished=True, finish_reason="error", error=reason))
+        try:
+            self.snapshot = self.engine.snapshot(len(self._streams))
+            self.engine.close()
+        except Exception:
+            log.exception("closing the engine failed")

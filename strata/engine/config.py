@@ -25,6 +25,7 @@ class EngineConfig:
     eviction_policy: str = "scheduler"  # or "lru"
     session_ttl_s: float = 3600.0
     kv_chunk_tokens: int = 256
+    kv_load_timeout_s: float = 10.0  # a history layer that takes longer is recomputed instead (counted)
     # AdaSkip: the policy for every request, and the default of requests that do not ask (0 = no skipping).
     skip_policy: str = "adaskip"  # or early-exit, skipdecode, unified (baselines, need no profile)
     skip_sublayers: int = 0

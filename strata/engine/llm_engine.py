@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from strata.engine.config import EngineConfig
-from strata.engine.kv_reuse import KVReuse
+from strata.engine.faults import Faults
+from strata.engine.kv_cache import KVCacheManager
 from strata.engine.model_runner import LoadFailed, ModelRunner
 from strata.engine.models.llama import LlamaModel
 from strata.engine.output_text import OutputText
@@ -18,12 +19,11 @@ from strata.engine.sampler import sample_token
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.engine.skip_setup import SkipRejected, SkipSetup
-from strata.engine.stats import EngineStats
+from strata.engine.stats import EngineSnapshot, EngineStats
 from strata.engine.tokenizer import Tokenizer
 from strata.engine.weights.model_files import ModelFiles, resolve_model
 from strata.kernels.device import default_device, resolve_device
 from strata.storage.block_pool import BlockPool
-from strata.storage.device_cache import DeviceCache
 from strata.storage.kv_store import KVStore
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,13 @@ class LLMEngine:
         self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
                               int(config.kv_cache_gb * 2**30) // per_block, dtype, device)
         self.store = self._open_store(config) if config.session_cache else None
-        self.reuse = KVReuse(DeviceCache(self.pool), self.store, enabled=config.session_cache)
-        self.scheduler = Scheduler(config, self.pool, self.reuse)
-        self.runner = ModelRunner(self.model, self.pool, self.store)
+        self.kv = KVCacheManager(self.pool, self.store, enabled=config.session_cache)
+        self.scheduler = Scheduler(config, self.kv)
+        self.runner = ModelRunner(self.model, self.pool, self.store, config.kv_load_timeout_s)
         self.stats = EngineStats()
+        self.faults = Faults()
+        self.last_step_time: float | None = None  # time.monotonic() of the last step that ran a batch
+        self._batch: list[Sequence] = []  # the sequences of the step being run
         self.skips = SkipSetup(config, self.files.directory, self.files.fingerprint, cfg.num_hidden_layers)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -82,10 +85,10 @@ class LLMEngine:
             rope_inv_freq=self.model.inv_freq,
         )
 
-    def close(self) -> None:
-        """Write back what the tiers hold (the SSD tier outlives the process)."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Write back what the tiers hold (the SSD tier outlives the process), waiting at most `timeout`."""
         if self.store is not None:
-            self.store.close()
+            self.store.close(timeout=timeout)
 
     @property
     def context_limit(self) -> int:
@@ -134,7 +137,7 @@ class LLMEngine:
     def session_info(self, key: str) -> dict | None:
         """Where a session's KV is: tokens in HBM (cached blocks) and in the DRAM/SSD tiers."""
         stored = self.store.info(key) if self.store is not None else None
-        hbm = self.reuse.cache.tokens(key)
+        hbm = self.kv.cache.tokens(key)
         if stored is None and not hbm:
             return None
         info = dict(stored or {"tokens": 0, "tier": None})
@@ -146,7 +149,7 @@ class LLMEngine:
         return info
 
     def delete_session(self, key: str) -> bool:
-        dropped = self.reuse.cache.drop(key)
+        dropped = self.kv.cache.drop(key)
         return (self.store.delete(key) if self.store is not None else False) or dropped
 
     def pin_session(self, key: str, seconds: float) -> bool:
@@ -157,14 +160,14 @@ class LLMEngine:
 
     def list_sessions(self, prefix: str) -> list[str]:
         keys = set(self.store.sessions()) if self.store is not None else set()
-        keys |= set(self.reuse.cache.keys())
+        keys |= set(self.kv.cache.keys())
         return sorted(k for k in keys if k.startswith(prefix))
 
     @property
     def blocks_in_use(self) -> int:
         """Blocks (one layer's, see BlockPool) held by queued or running sequences (the rest are free
-        or cache finished sessions)."""
-        return self.pool.num_used - self.reuse.cache.num_blocks
+        or cache finished sessions); blocks a cancelled load may still write count until it lets go."""
+        return self.pool.num_used - self.kv.cache.num_blocks
 
     @property
     def num_running(self) -> int:
@@ -175,10 +178,14 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[RequestOutput]:
+        self.kv.free_released()
         batch = self.scheduler.schedule()
         self.stats.preemptions += batch.num_preempted
         if batch.empty:
             return []
+        self._batch = [seq for seq, _ in batch.items]
+        if self.faults.active:
+            self.faults.before_step(self.stats.steps + 1)
         for seq, n in batch.items:
             if seq.num_computed < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed)
@@ -186,28 +193,47 @@ class LLMEngine:
             seqs, logits = self.runner.run(batch)
         except LoadFailed as e:
             log.warning("history KV of %s did not arrive (%s): recomputing it", e.seq.request_id, e)
-            self.reuse.load_failed(e.seq)
+            self.kv.load_failed(e.seq)
+            self._batch = []
             return []
         self.stats.steps += 1
+        self.last_step_time = time.monotonic()
         for seq, n in batch.items:
-            self.reuse.saved(seq, seq.num_computed - n, seq.num_computed)
+            self.kv.saved(seq, seq.num_computed - n, seq.num_computed)
         outputs = []
         for i, seq in enumerate(seqs):
-            outputs.append(self._append_token(seq, logits[i]))
+            try:
+                outputs.append(self._append_token(seq, logits[i]))
+            except Exception as e:  # this request's sampling, text or stop check: it alone ends
+                log.exception("request %s failed after the forward pass", seq.request_id)
+                outputs.append(self._fail(seq, f"internal error in request {seq.request_id}: {e}"))
+        self._batch = []
         return outputs
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        """After an internal error: end every request with an error instead of hanging it."""
-        outs = []
-        for seq in list(self._seqs.values()):
-            seq.finish_reason = "error"
-            out = self._finish(seq)
-            out.error = message
-            outs.append(out)
+    def fail_batch(self, message: str) -> list[RequestOutput]:
+        """After a failed step: end the requests of that step's batch (only them) and free their blocks."""
+        outs = [self._fail(seq, message) for seq in self._batch if seq.request_id in self._seqs]
+        self._batch = []
         return outs
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """The engine is going away: end every request with an error instead of hanging it."""
+        return [self._fail(seq, message) for seq in list(self._seqs.values())]
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        seq.finish_reason = "error"
+        out = self._finish(seq)
+        out.error = message
+        return out
+
+    def snapshot(self, in_flight: int) -> EngineSnapshot:
+        """Everything /metrics shows, copied on the engine thread (no other thread reads engine state)."""
+        return EngineSnapshot.take(self, in_flight)
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         p = seq.sampling
+        if self.faults.active:
+            self.faults.before_sample(p.seed)
         stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
         token, logprob = sample_token(logits, p, seq.token_ids[: seq.num_prompt_tokens], seq.output_ids,
                                       stop_ids, seq.generator)

@@ -25,10 +25,11 @@ class LoadFailed(RuntimeError):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: BlockPool, store: KVStore | None) -> None:
+    def __init__(self, model: LlamaModel, pool: BlockPool, store: KVStore | None, load_timeout_s: float) -> None:
         self.model = model
         self.pool = pool
         self.store = store
+        self.load_timeout_s = load_timeout_s
 
     def _wait_for_loads(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
         loading = [seq for seq, _ in batch.items if seq.load is not None]
@@ -39,7 +40,7 @@ class ModelRunner:
         def wait(layer: int) -> None:
             for seq in loading:
                 try:
-                    store.wait_layer(seq.load, layer)
+                    store.wait_layer(seq.load, layer, self.load_timeout_s)
                 except KVLoadError as e:
                     raise LoadFailed(seq, e) from e
 

@@ -35,6 +35,8 @@ class Request:
     # Context overflow: the prompt is the client's full history with tokens [keep_head, drop_end) cut
     # out; the session's stored KV is cut the same way (kept keys re-rotated) before reuse.
     truncation: tuple[int, int] | None = None
+    # Who sent it (a hash of the API key): anonymous prefix reuse never crosses tenants.
+    tenant: str = "public"
 
 
 @dataclass

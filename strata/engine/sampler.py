@@ -50,8 +50,8 @@ def sample_token(
         lp = torch.log_softmax(logits, dim=-1)
     if p.needs_processing:
         logits = logits.clone()
-        for tok, bias in p.logit_bias.items():
-            logits[tok] += bias
+        if p.bias is not None:
+            logits.index_add_(0, *p.bias)
         if len(output) < p.min_tokens and stop_ids:
             logits[torch.tensor(stop_ids, dtype=torch.long)] = float("-inf")
         _apply_penalties(logits, p, prompt, output)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -27,7 +32,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing the logits by the temperature overflows: it is the argmax anyway (as vLLM).
+        return self.temperature < GREEDY_BELOW
+
+    @cached_property
+    def bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """logit_bias as (token ids, values) tensors, applied in one operation."""
+        if not self.logit_bias:
+            return None
+        return (torch.tensor(list(self.logit_bias), dtype=torch.long),
+                torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
 
     @property
     def needs_processing(self) -> bool:

@@ -4,10 +4,11 @@ One token budget per step covers decodes (one token each) and prefill chunks,
 so a long prompt is cut into chunks and never stalls the running decodes for
 long. Running sequences go first; waiting ones are admitted while the budget,
 `max_num_seqs` and free KV blocks allow. An admitted sequence first takes over
-whatever history KV can be reused (see kv_reuse). Blocks are found by dropping
+whatever history KV can be reused (see kv_cache). Blocks are found by dropping
 cached sessions (least recently used first, queued sessions last) and, when none
 are left, by preempting the most recently admitted sequence: its blocks are cached
-and it is recomputed later from what remains of them.
+and it is recomputed later from what remains of them. A waiting sequence that
+cannot be admitted holds nothing, so it never keeps others from running.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from strata.engine.config import EngineConfig
-from strata.engine.kv_reuse import KVReuse
+from strata.engine.kv_cache import KVCacheManager
 from strata.engine.sequence import Sequence, SequenceStatus
-from strata.storage.block_pool import BlockPool
 
 
 @dataclass
@@ -32,10 +32,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: BlockPool, reuse: KVReuse) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
         self.config = config
-        self.pool = pool
-        self.reuse = reuse
+        self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -51,26 +50,13 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.reuse.release(seq, keep_blocks)
-
-    def _protected(self) -> set[str]:
-        return {k for s in self.waiting if (k := self.reuse.cache_key(s))}
-
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for num_tokens tokens at each layer the sequence's next step writes KV at."""
-        skip = seq.attn_skips_next()
-        need = seq.blocks.blocks_needed(self.pool, num_tokens, skip)
-        if need <= 0:
-            return True
-        if need > self.pool.num_free and not self.reuse.cache.evict(need, self._protected()):
-            return False
-        seq.blocks.grow(self.pool, num_tokens, skip)
-        return True
+        self.kv.release(seq, keep_blocks)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.reuse.release(seq, keep=True)
+        self.kv.release(seq, keep=True)
         seq.num_computed = 0
+        seq.num_preemptions += 1
         seq.acquired = False  # on readmission it takes its cached blocks back
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -79,13 +65,14 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted = 0
+        waiting = list(self.waiting)
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self._grow(seq, seq.num_computed + n):
+            while not self.kv.grow(seq, seq.num_computed + n, waiting):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted += 1
@@ -98,16 +85,20 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if self.running and not self.kv.could_fit(seq):
+                break  # wait for running sequences to finish rather than load history it cannot use yet
             if not seq.acquired:
-                self.reuse.acquire(seq)
+                self.kv.acquire(seq)
                 seq.acquired = True
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            if not self.kv.grow(seq, seq.num_computed + n, list(self.waiting)):
+                self.kv.give_back(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.kv.admitted(seq)
             items.append((seq, n))
             budget -= n
-        self.reuse.upcoming(list(self.waiting))
+        self.kv.upcoming(list(self.waiting))
         return ScheduledBatch(items, preempted)

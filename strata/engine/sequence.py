@@ -33,6 +33,7 @@ class Sequence:
         self.cache_tier: str | None = None  # where the reused tokens came from: hbm, dram, ssd
         self.load: LoadHandle | None = None  # a layer-wise load of history KV in flight
         self.acquired = False  # reusable history looked up since (re)admission
+        self.num_preemptions = 0
         self.truncation_applied = False  # the session's stored KV was cut once (never twice on readmission)
         self.blocks = BlockTable(num_layers)
         self.skip = skip  # AdaSkip state of this request; None: it skips nothing (the plain path)

@@ -1,14 +1,14 @@
-"""GET /metrics: engine counters and gauges in Prometheus text format, read at scrape time."""
+"""GET /metrics: engine counters and gauges in Prometheus text format, from the snapshot the engine publishes."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from strata.engine.llm_engine import LLMEngine
-from strata.engine.stats import Histogram
+from strata.engine.stats import EngineSnapshot, Histogram
 from strata.server.state import ServerState
 
 
@@ -22,20 +22,22 @@ class EngineCollector:
             ae is not None and ae.alive))
         if ae is None:
             return
-        e = ae.engine
-        s = e.stats
-        yield GaugeMetricFamily("strata_requests_running", "Sequences in the running batch", value=e.num_running)
-        yield GaugeMetricFamily("strata_requests_waiting", "Sequences waiting to be scheduled",
-                                value=e.num_waiting)
-        yield GaugeMetricFamily("strata_requests_in_flight", "Engine requests with a listener",
-                                value=ae.num_in_flight)
+        snap = ae.snapshot  # published whole by the engine thread: nothing here reads live engine state
+        now = time.monotonic()
+        s = snap.stats
+        yield GaugeMetricFamily("strata_engine_seconds_since_last_step", "Seconds since the engine last ran a "
+                                "batch (grows while idle)", value=now - snap.last_step if snap.last_step else -1)
+        yield GaugeMetricFamily("strata_engine_seconds_since_heartbeat", "Seconds since the engine loop last "
+                                "turned (about 1 s at most while idle; large: stuck)", value=now - ae.heartbeat)
+        yield GaugeMetricFamily("strata_requests_running", "Sequences in the running batch", value=snap.running)
+        yield GaugeMetricFamily("strata_requests_waiting", "Sequences waiting to be scheduled", value=snap.waiting)
+        yield GaugeMetricFamily("strata_requests_in_flight", "Engine requests with a listener", value=snap.in_flight)
         yield GaugeMetricFamily("strata_kv_blocks_total",
                                 "KV cache blocks in the device pool (a block: one layer's K/V of block_size tokens)",
-                                value=e.pool.num_blocks)
-        yield GaugeMetricFamily("strata_kv_blocks_used", "KV cache blocks held by sequences",
-                                value=e.blocks_in_use)
+                                value=snap.blocks_total)
+        yield GaugeMetricFamily("strata_kv_blocks_used", "KV cache blocks held by sequences", value=snap.blocks_used)
         yield GaugeMetricFamily("strata_kv_blocks_cached", "KV cache blocks caching finished sessions (HBM tier)",
-                                value=e.reuse.cache.num_blocks)
+                                value=snap.blocks_cached)
         finished = CounterMetricFamily("strata_requests_finished", "Finished engine requests by reason",
                                        labels=["reason"])
         for reason, n in sorted(s.finished.items()):
@@ -50,8 +52,8 @@ class EngineCollector:
         for tier, h in sorted(s.ttft_by_tier.items()):
             ttft.add_metric([tier], _buckets(h), sum_value=h.total)
         yield ttft
-        yield from _tier_metrics(e)
-        yield from _skip_metrics(e)
+        yield from _tier_metrics(snap)
+        yield from _skip_metrics(snap)
 
 
 def _buckets(h: Histogram) -> list[tuple[str, float]]:
@@ -62,28 +64,27 @@ def _buckets(h: Histogram) -> list[tuple[str, float]]:
     return buckets
 
 
-def _tier_metrics(e: LLMEngine) -> Iterator[Metric]:
+def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
     """Per-tier session KV metrics (CachedAttention)."""
-    st = e.store.stats() if e.store is not None else {}
-    reuse = e.reuse
+    st = snap.store
     hits = CounterMetricFamily("strata_kv_hits", "Requests whose history was reused, by tier", labels=["tier"])
     tokens = CounterMetricFamily("strata_kv_tokens_reused", "Prompt tokens reused instead of computed, by tier",
                                  labels=["tier"])
     for tier in ("hbm", "dram", "ssd"):
-        hits.add_metric([tier], reuse.hits[tier])
-        tokens.add_metric([tier], reuse.tokens_reused[tier])
+        hits.add_metric([tier], snap.kv_hits.get(tier, 0))
+        tokens.add_metric([tier], snap.kv_tokens_reused.get(tier, 0))
     yield hits
     yield tokens
-    yield CounterMetricFamily("strata_kv_misses", "Requests that reused no history", value=reuse.hits["none"])
+    yield CounterMetricFamily("strata_kv_misses", "Requests that reused no history", value=snap.kv_hits.get("none", 0))
     loaded = CounterMetricFamily("strata_kv_bytes_loaded", "Bytes loaded into device blocks, by tier", labels=["tier"])
     saved = CounterMetricFamily("strata_kv_bytes_saved", "Bytes written to a tier", labels=["tier"])
     evicted = CounterMetricFamily("strata_kv_evictions", "Evictions (HBM, DRAM: chunks; SSD: sessions)",
                                   labels=["tier"])
     occupancy = GaugeMetricFamily("strata_kv_occupancy_bytes", "Bytes of session KV held, by tier", labels=["tier"])
     capacity = GaugeMetricFamily("strata_kv_capacity_bytes", "Capacity of each tier", labels=["tier"])
-    evicted.add_metric(["hbm"], reuse.cache.evicted_entries)
-    occupancy.add_metric(["hbm"], reuse.cache.num_blocks * e.pool.block_bytes)
-    capacity.add_metric(["hbm"], e.pool.num_blocks * e.pool.block_bytes)
+    evicted.add_metric(["hbm"], snap.hbm_evictions)
+    occupancy.add_metric(["hbm"], snap.blocks_cached * snap.block_bytes)
+    capacity.add_metric(["hbm"], snap.blocks_total * snap.block_bytes)
     for tier in ("dram", "ssd"):
         loaded.add_metric([tier], st.get(f"bytes_loaded_{tier}", 0.0))
         saved.add_metric([tier], st.get(f"bytes_saved_{tier}", 0.0))
@@ -107,21 +108,28 @@ def _tier_metrics(e: LLMEngine) -> Iterator[Metric]:
                               value=st.get("prefetches_used", 0.0))
     yield CounterMetricFamily("strata_kv_corrupt_chunks_discarded", "Chunk files discarded (checksum, foreign "
                               "model, truncated, ...)", value=st.get("corrupt_chunks_discarded", 0.0))
-    yield CounterMetricFamily("strata_kv_load_failures", "Loads that failed and were recomputed",
-                              value=reuse.load_failures)
+    yield CounterMetricFamily("strata_kv_load_failures", "Loads that failed or timed out and were recomputed",
+                              value=snap.kv_load_failures)
+    yield CounterMetricFamily("strata_kv_load_timeouts", "History KV layers that did not arrive in time (recomputed)",
+                              value=st.get("load_timeouts", 0.0))
+    yield CounterMetricFamily("strata_kv_saves_dropped_queue_full", "KV saves dropped because the save queue was "
+                              "full (that session's later turns recompute from there)",
+                              value=st.get("saves_dropped_queue_full", 0.0))
+    yield GaugeMetricFamily("strata_kv_save_queue_bytes", "Bytes of KV copies waiting to be saved",
+                            value=st.get("save_queue_bytes", 0.0))
     yield GaugeMetricFamily("strata_kv_sessions", "Sessions stored in the DRAM/SSD tiers",
                             value=st.get("sessions", 0.0))
 
 
-def _skip_metrics(e: LLMEngine) -> Iterator[Metric]:
+def _skip_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
     """AdaSkip: what finished requests skipped, and the KV kept out of reuse because of it."""
-    s = e.stats
+    s = snap.stats
     yield GaugeMetricFamily("strata_skip_profile_loaded", "1 when an AdaSkip calibration profile is loaded",
-                            value=int(e.skips.profile is not None))
+                            value=int(snap.skip_profile_loaded))
     requests = CounterMetricFamily("strata_skip_requests", "Finished requests that skipped sublayers, by policy "
                                    "and mode", labels=["policy", "mode"])
     for mode, n in sorted(s.skip_requests.items()):
-        requests.add_metric([e.skips.policy_name, mode], n)
+        requests.add_metric([snap.skip_policy, mode], n)
     yield requests
     sublayers = CounterMetricFamily("strata_skip_sublayers", "Sublayers in the skip sets of finished requests "
                                     "(fixed set plus online extra FFNs), by kind", labels=["kind"])
@@ -132,7 +140,7 @@ def _skip_metrics(e: LLMEngine) -> Iterator[Metric]:
                               value=s.skip_extra_ffns)
     yield CounterMetricFamily("strata_skip_kv_not_saved", "Tokens whose KV was computed with sublayers skipped, "
                               "hence neither saved to the session tiers nor cached for reuse",
-                              value=e.reuse.skip_tokens_not_saved)
+                              value=snap.skip_tokens_not_saved)
 
 
 def metrics_text(state: ServerState) -> bytes:

@@ -32,7 +32,7 @@ def test_every_tier_on_gpu_serves_what_recomputation_serves(tmp_path, on_gpu):
         msgs = histories[key] + [{"role": "user", "content": TURNS[i]}]
         ids = eng.tokenizer.encode_chat(msgs)
         if from_store:
-            eng.reuse.cache.drop(key)  # not in device memory: the history must come from DRAM or SSD
+            eng.kv.cache.drop(key)  # not in device memory: the history must come from DRAM or SSD
             eng.store.flush()
         got = answer(eng, f"{key}{i}", ids, key)
         assert got[0] == answer(reference, f"{key}{i}", ids, None)[0], f"turn {i} of {key} from {got[3]}"

@@ -35,7 +35,7 @@ class RequestSkipState:
 
     KV safety: once a step skipped attention at layer l, later steps of this request skip it
     too (earlier tokens have no K/V there). `attn_skipped` is that set. The engine never lets
-    other requests reuse KV computed with skipping (see strata/engine/kv_reuse.py).
+    other requests reuse KV computed with skipping (see strata/engine/kv_cache/manager.py).
 
     Recomputation (preemption): the engine calls `restart()` when the request's KV is dropped,
     then plans its steps again in order, passing each decode step's index (`decode_step`):

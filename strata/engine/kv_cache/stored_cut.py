@@ -8,7 +8,7 @@ stored ids go on as the prompt does. Token ids decide, so a wrong guess only cos
 
 from __future__ import annotations
 
-from strata.storage.device_cache import common_prefix
+from strata.storage.session_entry import common_prefix
 
 ANCHOR = 32  # prompt tokens that must reappear in the stored ids for a cut to be worth it
 

@@ -4,7 +4,7 @@ A finished request's blocks stay here under its session key; the next turn of th
 session takes them over (an HBM hit) instead of loading or recomputing. Because the
 DRAM/SSD tiers are saved continuously, dropping an entry to make room is a drop, not
 a copy. Requests without a session key are kept under a key made from their first
-block of tokens, and only whole blocks of a common prefix are reused from them.
+block of tokens (and their tenant), and only whole blocks of a common prefix are reused from them.
 """
 
 from __future__ import annotations
@@ -14,20 +14,13 @@ from dataclasses import dataclass
 
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
+from strata.storage.session_entry import common_prefix
 
 
 @dataclass
 class CachedBlocks:
     token_ids: list[int]  # tokens whose K/V the blocks hold at every layer, from position 0
     blocks: BlockTable
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class DeviceCache:

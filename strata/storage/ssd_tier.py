@@ -1,0 +1,236 @@
+"""The SSD tier: chunk files under ``ssd_dir``, written back from DRAM and prefetched into it.
+
+Writes go to a temporary name, are fsynced and renamed (see chunk_file), so a crash never leaves a
+half-written chunk under a real name. The disk budget is reserved before a file is written; making room
+removes whole sessions' files. Background work (write-back, prefetch, TTL upkeep) runs on the I/O thread.
+The start-up scan that rebuilds the index lives in ssd_scan.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from strata.storage.chunk_file import (
+    TEMP_MARK,
+    ChunkError,
+    ChunkHeader,
+    ChunkLayout,
+    commit,
+    fsync_dir,
+    prefix_hash,
+    read_header,
+    read_layer,
+    write_temp,
+)
+from strata.storage.eviction import eviction_order
+from strata.storage.job_thread import JobThread
+from strata.storage.session_entry import Chunk, SessionEntry, SsdCopy
+from strata.storage.session_index import SessionIndex, unlink
+from strata.storage.ssd_scan import chunk_path, scan_directory
+
+if TYPE_CHECKING:
+    from strata.storage.dram_tier import DramTier
+
+log = logging.getLogger(__name__)
+
+
+class SsdTier:
+    def __init__(self, index: SessionIndex, layout: ChunkLayout, ssd_dir: Path | None, *, chunk_tokens: int,
+                 pin: bool) -> None:
+        self.index = index
+        self.layout = layout
+        self.dir = ssd_dir  # None: no SSD tier (DRAM only); the I/O thread still runs TTL upkeep
+        self.chunk_tokens = chunk_tokens
+        self._pin = pin
+        self._writeback_queued: set[str] = set()  # guarded by index.lock, like everything it indexes
+        self._prefetch_queued: set[str] = set()
+        self.io = JobThread("kv-io", lambda: index.count("background_errors"), idle=index.expire_periodic)
+
+    def open(self) -> None:
+        """Rebuild the index from the directory, then fit the budget (it may be smaller than last time)."""
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index.adopt_scan(scan_directory(self.dir, self.layout))
+        with self.index.lock:
+            self.reserve_locked(0, None)
+            self.index.ssd_reserved = 0
+            self.index.expire_locked(time.time())
+
+    # ------------------------------------------------------------------ writing
+
+    def write_chunk(self, entry: SessionEntry, chunk: Chunk) -> bool:
+        """Write one chunk to SSD (temp file, fsync, rename). Called without the lock."""
+        if self.dir is None:
+            return False
+        index, layout = self.index, self.layout
+        with index.lock:
+            if not index.holds_locked(entry, chunk):
+                return False
+            if not chunk.dirty:
+                return True
+            assert chunk.dram is not None
+            n, version, data = chunk.n, chunk.version, chunk.dram[:, :, :chunk.n]
+            tokens = entry.tokens[:chunk.end]
+            header = ChunkHeader(fingerprint=layout.fingerprint, session_key=entry.key,
+                                 chunk_index=chunk.index, start=chunk.start, token_ids=tokens[chunk.start:],
+                                 prefix_hash=prefix_hash(tokens), num_layers=layout.num_layers,
+                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                                 dtype=layout.dtype_name, layer_crc=[0xFFFFFFFF] * layout.num_layers)
+            # An upper bound: the real checksums print no longer than 0xFFFFFFFF.
+            size = len(header.encode()) + layout.num_layers * layout.layer_bytes(n)
+            if not self.reserve_locked(size, entry.key):
+                return False
+        final = chunk_path(self.dir, entry.file_stem, chunk.index)
+        tmp = final.with_name(f"{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            written = write_temp(tmp, header, data)
+        except OSError:
+            log.exception("writing KV chunk %s failed", tmp)
+            unlink(tmp)
+            with index.lock:
+                index.ssd_reserved -= size
+            return False
+        with index.lock:
+            index.ssd_reserved -= size
+            # The chunk may have changed (a save, a cut) while its file was written: then it is stale.
+            current = index.holds_locked(entry, chunk) and chunk.version == version and written <= size
+            if current:
+                commit(tmp, final)
+                if chunk.ssd is not None:
+                    index.ssd_used -= chunk.ssd.nbytes  # the rename replaced that file
+                chunk.ssd = SsdCopy(path=final, nbytes=written, file_tokens=n, valid_tokens=n)
+                index.ssd_used += written
+                index.counters["bytes_saved_ssd"] += written
+        if not current:
+            unlink(tmp)
+            return False
+        fsync_dir(self.dir)
+        return True
+
+    def reserve_locked(self, size: int, protect: str | None) -> bool:
+        """Make room for ``size`` bytes on SSD (evicting whole sessions' files) and reserve it."""
+        index = self.index
+        pinned = index.pinned_locked()
+        while index.ssd_used + index.ssd_reserved + size > index.ssd_bytes:
+            order = eviction_order(index.entries.values(), policy=index.policy, window=index.window,
+                                   pinned=pinned, exclude={protect} if protect else set())
+            victim = next((e for e in order if e.key not in pinned and e.ssd_bytes() > 0), None)
+            if victim is None:
+                return False
+            for chunk in victim.chunks:
+                if chunk.ssd is not None:
+                    index.drop_ssd_locked(chunk)
+            index.counters["evictions_ssd"] += 1
+            index.repair_locked(victim)
+        index.ssd_reserved += size
+        return True
+
+    def queue_writeback_locked(self, key: str) -> None:
+        if self.dir is not None and key not in self._writeback_queued:
+            self._writeback_queued.add(key)
+            self.io.put(lambda: self._writeback(key))
+
+    def _writeback(self, key: str) -> None:
+        with self.index.lock:
+            self._writeback_queued.discard(key)
+            entry = self.index.entries.get(key)
+            if entry is None:
+                return
+            # A partial tail chunk still growing is written when its request finishes.
+            todo = [c for c in entry.chunks if c.dirty and (c.n >= self.chunk_tokens or entry.pending_saves == 0)]
+        for chunk in todo:
+            self.write_chunk(entry, chunk)
+
+    def writeback_all(self) -> None:
+        """Shutdown: queue every session whose DRAM holds what the SSD lacks."""
+        with self.index.lock:
+            for key, entry in self.index.entries.items():
+                if any(c.dirty for c in entry.chunks):
+                    self.queue_writeback_locked(key)
+
+    # ------------------------------------------------------------------ prefetch SSD -> DRAM
+
+    def queue_prefetch(self, keys: list[str], dram: DramTier) -> None:
+        with self.index.lock:
+            for key in keys:
+                if key not in self._prefetch_queued:
+                    self._prefetch_queued.add(key)
+                    self.io.put(lambda k=key: self._prefetch(k, dram))
+
+    def _prefetch(self, key: str, dram: DramTier) -> None:
+        """SSD -> DRAM for a look-ahead window session, evicting only clean chunks outside the window."""
+        index = self.index
+        with index.lock:
+            self._prefetch_queued.discard(key)
+        while True:
+            with index.lock:
+                entry = index.entries.get(key)
+                if entry is None or key not in index.window:
+                    return
+                chunk = next((c for c in entry.chunks if c.dram is None and c.on_ssd), None)
+                if chunk is None:
+                    return
+                assert chunk.ssd is not None
+                n, version, path = chunk.n, chunk.version, chunk.ssd.path
+            need = max(n, 1) * index.token_bytes
+            if not dram.make_room(need, clean_only=True, window_too=False, exclude=key):
+                return
+            try:
+                data = self.read_chunk(chunk, path, n)
+            except (ChunkError, OSError):
+                return
+            if self._pin:
+                data = data.pin_memory()
+            with index.lock:
+                if (index.entries.get(key) is not entry or chunk.dram is not None or chunk.version != version
+                        or index.dram_used + data.nbytes > index.dram_bytes):
+                    return
+                chunk.dram = data
+                chunk.prefetched = True
+                index.dram_used += data.nbytes
+                index.counters["prefetches_issued"] += 1
+                index.counters["bytes_prefetched_ssd"] += data.nbytes
+
+    # ------------------------------------------------------------------ reading
+
+    def read_chunk(self, chunk: Chunk, path: Path, n: int) -> torch.Tensor:
+        """All layers of one chunk file, checked: [layers, 2, n, kv_heads, head_dim]."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            header, offset = read_header(fd, self.layout, os.fstat(fd).st_size)
+            layers = [read_layer(fd, header, offset, self.layout, layer)[:, :n]
+                      for layer in range(self.layout.num_layers)]
+        except ChunkError as e:
+            self.discard_corrupt(chunk, fd, e)
+            raise
+        finally:
+            os.close(fd)
+        return torch.stack(layers)
+
+    def discard_corrupt(self, chunk: Chunk, fd: int, error: ChunkError) -> None:
+        """A chunk file failed its check while in use: never serve it again."""
+        log.warning("discarding corrupt KV chunk: %s", error)
+        index = self.index
+        with index.lock:
+            index.counters["corrupt_chunks_discarded"] += 1
+            index.counters[f"chunks_discarded_{error.reason}"] += 1
+            if chunk.ssd is None:
+                return
+            try:  # only if the file is still the one that was read (a rewrite may have replaced it)
+                same = os.stat(chunk.ssd.path).st_ino == os.fstat(fd).st_ino
+            except OSError:
+                same = True
+            if same:
+                index.drop_ssd_locked(chunk)
+                for entry in index.entries.values():
+                    if any(c is chunk for c in entry.chunks):
+                        index.repair_locked(entry)
+                        break
