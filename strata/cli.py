@@ -62,6 +62,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get 413")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end chat/completions requests running longer (504, or a final error event in a "
+                        "stream) and free their engine work; unset: no limit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity")
 
@@ -87,6 +90,7 @@ def serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
         context_overflow=args.context_overflow,
+        request_timeout=args.request_timeout,
     )
     app = build_app(settings)
     run_http(app, args.host, args.port, args.log_level, args.shutdown_timeout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -36,7 +38,35 @@ CHAT_CASES = [
     ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "http://x"}}]}]}, 400, None),
     ("too-long prompt", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("logit_bias over 300 entries", {"logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
+    ("logit_bias superscript digit", {"logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),
+    ("17 stop strings", {"stop": [f"s{i}" for i in range(17)]}, 400, "stop"),
+    ("stop string over 512 chars", {"stop": ["x" * 513]}, 400, "stop"),
+    ("single stop over 512 chars", {"stop": "x" * 513}, 400, "stop"),
+    ("repetition_penalty tiny", {"repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ("seed beyond int64", {"seed": 2**64}, 400, "seed"),
     ("unknown model", {"model": "gpt-9"}, 404, "model"),
+]
+
+
+# Extremes that must be served (200), each compared with greedy decoding where it should equal it.
+ACCEPTED = [
+    ("temperature 1e-45", {"temperature": 1e-45}, True),
+    ("temperature 0 exactly", {"temperature": 0}, True),
+    ("top_p 1e-9", {"top_p": 1e-9, "temperature": 1.0}, True),
+    ("top_p 5e-324", {"top_p": 5e-324, "temperature": 1.0}, True),  # 0 in float32
+    ("top_k 10**9", {"top_k": 10**9, "temperature": 1.0, "seed": 7}, False),
+    ("logit_bias 300 entries", {"logit_bias": {str(i): 0.5 for i in range(300)}}, False),
+    ("16 stop strings of 512 chars", {"stop": [chr(0x4e00 + i) * 512 for i in range(16)], "temperature": 0}, True),
+    ("seed int64 max", {"seed": 2**63 - 1, "n": 2}, False),
+    ("seed int64 min", {"seed": -(2**63)}, False),
+    ("repetition_penalty 0.01", {"repetition_penalty": 0.01, "temperature": 1e-6}, False),
+]
+
+# Python's json reads (and writes) NaN and Infinity; none of them is a valid number for any float field.
+NON_FINITE = [
+    ("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN"), ("min_p", "NaN"),
+    ("presence_penalty", "-Infinity"), ("frequency_penalty", "NaN"), ("repetition_penalty", "Infinity"),
 ]
 
 
@@ -95,6 +125,7 @@ def test_oversize_body(server, model_name):
 def test_completions_bad_input(server, model_name):
     cases = [
         ({"prompt": ""}, 400), ({"prompt": []}, 400), ({"prompt": [10**8]}, 400), ({"prompt": 5}, 400),
+        ({"prompt": [-38]}, 400), ({"prompt": [[1, 2], [-1]]}, 400),
         ({"prompt": "x", "best_of": 3}, 400), ({"prompt": "x", "suffix": "y"}, 400),
         ({"prompt": "x", "logprobs": 9}, 400), ({}, 400),
     ]
@@ -118,3 +149,28 @@ def test_server_stays_healthy_after_bad_input(server, client, model_name):
     r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Say hi."}],
                                        max_tokens=5, temperature=0)
     assert r.choices[0].message.content
+
+
+@pytest.mark.parametrize("name,patch,greedy", ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_chat_accepted_extremes(server, model_name, name, patch, greedy):
+    body = {"model": model_name, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6}
+    r = _post(server, "/v1/chat/completions", json=body | patch)
+    assert r.status_code == 200, r.text
+    texts = [c["message"]["content"] for c in r.json()["choices"]]
+    assert all(isinstance(t, str) for t in texts)
+    if greedy:
+        ref = _post(server, "/v1/chat/completions", json=body | {"temperature": 0}).json()
+        assert texts == [ref["choices"][0]["message"]["content"]]
+
+
+@pytest.mark.parametrize("field,literal", NON_FINITE, ids=[f"{f}={v}" for f, v in NON_FINITE])
+def test_non_finite_numbers(server, model_name, field, literal):
+    # json.dumps writes float("nan") as NaN, as a client built on Python's json would.
+    raw = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                      field: float(literal)})
+    err = _assert_error(_post(server, "/v1/chat/completions", content=raw.encode(), headers={
+        "content-type": "application/json"}), 400, field)
+    assert literal in raw and "finite" in err["message"]
+    raw = json.dumps({"model": model_name, "prompt": "hi", "max_tokens": 2, "logit_bias": {"5": float(literal)}})
+    _assert_error(_post(server, "/v1/completions", content=raw.encode(), headers={
+        "content-type": "application/json"}), 400, "logit_bias")

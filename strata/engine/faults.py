@@ -2,7 +2,7 @@
 
 Comma-separated, each `kind=value`:
 
-* `step=N`: engine step N (counting from 1) raises as a failed forward pass would;
+* `step=N`: the N-th engine step begun (counting from 1) raises as a failed forward pass would;
 * `engine-death=N`: the engine thread ends at step N as if it had crashed;
 * `sample-seed=S`: sampling raises for every request whose seed is S.
 
@@ -32,8 +32,11 @@ class Faults:
                 raise ValueError(f"STRATA_INJECT_FAULT: cannot read {item!r}")
             self._faults[kind] = int(value)
         self.active = bool(self._faults)
+        self._steps = 0  # steps begun, failed ones included
 
-    def before_step(self, step: int) -> None:
+    def before_step(self) -> None:
+        self._steps += 1
+        step = self._steps
         if step == self._faults.get("engine-death"):
             raise EngineDeath(f"injected engine death at step {step}")
         if step == self._faults.get("step"):

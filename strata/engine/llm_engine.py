@@ -185,7 +185,7 @@ class LLMEngine:
             return []
         self._batch = [seq for seq, _ in batch.items]
         if self.faults.active:
-            self.faults.before_step(self.stats.steps + 1)
+            self.faults.before_step()
         for seq, n in batch.items:
             if seq.num_computed < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed)

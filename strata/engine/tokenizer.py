@@ -16,6 +16,10 @@ class ChatTemplateError(ValueError):
     pass
 
 
+class InvalidText(ValueError):
+    """Text that is not valid Unicode (a lone surrogate, which JSON's \\uD800 escapes can carry)."""
+
+
 def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
@@ -53,7 +57,16 @@ class Tokenizer:
         return self._template is not None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            # encode_batch releases the GIL while it runs (encode holds it: seconds for a MiB-sized
+            # prompt, frozen for every other thread), same ids.
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except TypeError:  # the Rust tokenizer takes only valid Unicode
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidText(f"the text is not valid Unicode: {e.reason} at position {e.start}") from e
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -14,14 +14,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from strata import __version__
 from strata.engine.async_engine import AsyncEngine
 from strata.engine.llm_engine import LLMEngine
+from strata.engine.tokenizer import ChatTemplateError, InvalidText, Tokenizer
 from strata.server.chat import chat_completions
 from strata.server.completions import completions
+from strata.server.disconnect import guarded
 from strata.server.errors import APIError, bad_request
 from strata.server.metrics import metrics_text
+from strata.server.offload import off_loop
+from strata.server.openapi import (
+    ChatCompletion,
+    Completion,
+    DetokenizeResponse,
+    TokenizeResponse,
+    add_request_schemas,
+    request_body,
+    responses,
+)
 from strata.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -35,6 +48,7 @@ from strata.server.state import ServerSettings, ServerState
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=BaseModel)
 OPEN_PATHS = {"/health", "/metrics", "/version"}
+OFF_LOOP_BODY = 64 * 2**10  # bodies larger than this are parsed and validated off the event loop
 
 
 def _load_engine(state: ServerState) -> None:
@@ -59,13 +73,23 @@ async def read_body(request: Request, model: type[B], limit: int) -> B:
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-        chunks.append(chunk)
     try:
-        data = json.loads(b"".join(chunks))
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect as e:  # gone before it finished sending: nobody reads the answer
+        raise APIError(499, "The client closed the request.", code="client_closed_request") from e
+    raw = b"".join(chunks)
+    if len(raw) > OFF_LOOP_BODY:  # parsing MiBs of JSON would stall every other request
+        return await off_loop(_parse_body, raw, model)
+    return _parse_body(raw, model)
+
+
+def _parse_body(raw: bytes, model: type[B]) -> B:
+    try:
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"We could not parse the JSON body of your request: {e}") from e
     if not isinstance(data, dict):
@@ -79,6 +103,25 @@ async def read_body(request: Request, model: type[B], limit: int) -> B:
                           param=param) from e
 
 
+# /tokenize and /detokenize run off the event loop, rendering their (possibly large) JSON answers too.
+def _tokenized(body: TokenizeRequest, tok: Tokenizer, context_limit: int) -> JSONResponse:
+    if body.messages is not None:
+        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = tok.encode_chat(msgs, body.add_generation_prompt)
+        except ChatTemplateError as e:
+            raise bad_request(str(e), param="messages") from e
+    else:
+        ids = tok.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": context_limit})
+
+
+def _detokenized(body: DetokenizeRequest, tok: Tokenizer) -> JSONResponse:
+    if any(t >= tok.vocab_size for t in body.tokens):
+        raise bad_request(f"token ids must be below the vocabulary size {tok.vocab_size}", param="tokens")
+    return JSONResponse({"prompt": tok.decode(body.tokens, skip_special_tokens=False)})
+
+
 def build_app(settings: ServerSettings) -> FastAPI:
     state = ServerState(settings)
     keys = [k for k in (settings.api_key or "").split(",") if k]
@@ -88,8 +131,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
         # Load in the background so /health can answer 503 while the model loads.
         threading.Thread(target=_load_engine, args=(state,), name="strata-load", daemon=True).start()
         yield
-        if state.engine is not None:
-            state.engine.shutdown()
+        if state.engine is not None:  # in-flight requests had --shutdown-timeout already (uvicorn's graceful stop)
+            state.engine.shutdown(timeout=state.settings.shutdown_timeout)
 
     app = FastAPI(title="strata", version=__version__, lifespan=lifespan)
     app.state.strata = state
@@ -97,6 +140,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(InvalidText)
+    async def _invalid_text(_: Request, e: InvalidText) -> JSONResponse:
+        return bad_request(str(e)).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -127,15 +174,19 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     limit = settings.max_body_bytes
 
-    @app.post("/v1/chat/completions")
+    timeout = settings.request_timeout
+
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=request_body(ChatCompletionRequest),
+              responses=responses(ChatCompletion, stream=True, timeout=True))
     async def _chat(request: Request) -> Response:
         body = await read_body(request, ChatCompletionRequest, limit)
-        return await chat_completions(state, body, request.headers, request.state.tenant)
+        return await guarded(request, timeout, chat_completions(state, body, request.headers, request.state.tenant))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, openapi_extra=request_body(CompletionRequest),
+              responses=responses(Completion, stream=True, timeout=True))
     async def _completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest, limit)
-        return await completions(state, body, request.headers, request.state.tenant)
+        return await guarded(request, timeout, completions(state, body, request.headers, request.state.tenant))
 
     def _model_card() -> dict[str, Any]:
         ae = state.ready_engine()
@@ -152,36 +203,31 @@ def build_app(settings: ServerSettings) -> FastAPI:
         state.check_model(model_id)
         return _model_card()
 
-    @app.post("/tokenize")
-    async def _tokenize(request: Request) -> dict[str, Any]:
+    @app.post("/tokenize", response_model=None, openapi_extra=request_body(TokenizeRequest),
+              responses=responses(TokenizeResponse))
+    async def _tokenize(request: Request) -> Response:
         body = await read_body(request, TokenizeRequest, limit)
         state.check_model(body.model)
-        tok = state.ready_engine().engine.tokenizer
-        if body.messages is not None:
-            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = tok.encode_chat(msgs, body.add_generation_prompt)
-        else:
-            ids = tok.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.ready_engine().engine.context_limit}
+        engine = state.ready_engine().engine
+        return await off_loop(_tokenized, body, engine.tokenizer, engine.context_limit)
 
-    @app.post("/detokenize")
-    async def _detokenize(request: Request) -> dict[str, Any]:
+    @app.post("/detokenize", response_model=None, openapi_extra=request_body(DetokenizeRequest),
+              responses=responses(DetokenizeResponse))
+    async def _detokenize(request: Request) -> Response:
         body = await read_body(request, DetokenizeRequest, limit)
         state.check_model(body.model)
-        tok = state.ready_engine().engine.tokenizer
-        if any(t >= tok.vocab_size for t in body.tokens):
-            raise bad_request(f"token ids must be below the vocabulary size {tok.vocab_size}", param="tokens")
-        return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+        return await off_loop(_detokenized, body, state.ready_engine().engine.tokenizer)
 
     app.include_router(session_router(state))
+    add_request_schemas(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest])
 
     @app.get("/health")
     async def _health() -> Response:
         ae = state.engine
         if ae is not None and ae.alive:
             return JSONResponse({"status": "ok"})
-        reason = state.load_error or ("loading" if ae is None else "engine stopped")
-        return JSONResponse({"status": reason}, status_code=503)
+        reason = state.load_error or ("loading" if ae is None else ae.status)
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def _metrics() -> Response:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
+from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import ChatTemplateError, Tokenizer
 from strata.server.choices import admit, cache_headers, gather_choices, prepend, run_choices, usage
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import chat_logprobs
+from strata.server.offload import off_loop
 from strata.server.overflow import Fitted, completion_reserve, fit_messages
 from strata.server.protocol import ChatCompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
@@ -47,29 +50,40 @@ def _fit_context(state: ServerState, tok: Tokenizer, messages: list[dict[str, An
     return fit_messages(lambda m: tok.encode_chat(m, add_generation_prompt), messages, prompt, limit - reserve)
 
 
-async def chat_completions(state: ServerState, body: ChatCompletionRequest, headers: Headers, tenant: str
-                           ) -> JSONResponse | StreamingResponse:
-    state.check_model(body.model)
-    _check_unsupported(body)
-    engine = state.ready_engine()
-    tok = engine.engine.tokenizer
+@dataclass
+class _Prepared:
+    prompt: list[int]
+    params: list[SamplingParams]
+    truncation: tuple[int, int] | None
+    dropped: int  # tokens of history dropped to fit the context
+
+
+def _prepare(state: ServerState, body: ChatCompletionRequest, tok: Tokenizer, limit: int) -> _Prepared:
+    """Template, tokens, context fitting and sampling parameters: CPU work, run off the event loop."""
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
                 for m in body.messages]
     try:
         prompt = tok.encode_chat(messages, body.add_generation_prompt)
     except ChatTemplateError as e:
         raise bad_request(str(e), param="messages") from e
-    limit = engine.engine.context_limit
     requested = body.max_completion_tokens or body.max_tokens
     fitted = _fit_context(state, tok, messages, prompt, requested, limit, body.add_generation_prompt)
     if fitted is not None:
         prompt = fitted.prompt_ids
-    truncation = fitted.truncation if fitted is not None else None
-    dropped = fitted.dropped_tokens if fitted is not None else 0
     max_tokens = max_new_tokens(requested, len(prompt), limit)
-    top = body.top_logprobs or 0
     params = [sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size, logprobs=body.logprobs,
-                              top_logprobs=top, choice=i) for i in range(body.n)]
+                              top_logprobs=body.top_logprobs or 0, choice=i) for i in range(body.n)]
+    return _Prepared(prompt, params, fitted.truncation if fitted else None, fitted.dropped_tokens if fitted else 0)
+
+
+async def chat_completions(state: ServerState, body: ChatCompletionRequest, headers: Headers, tenant: str
+                           ) -> JSONResponse | StreamingResponse:
+    state.check_model(body.model)
+    _check_unsupported(body)
+    engine = state.ready_engine()
+    tok = engine.engine.tokenizer
+    prep = await off_loop(_prepare, state, body, tok, engine.engine.context_limit)
+    prompt, params, truncation, dropped = prep.prompt, prep.params, prep.truncation, prep.dropped
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
     skip = skip_request(state, body.skip, headers)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -78,7 +92,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        outputs = run_choices(engine, rid, prompts, params, key, truncation, skip)
+        outputs = run_choices(engine, rid, prompts, params, key, truncation, skip, tenant)
         # Wait for the first token: errors before it are plain HTTP errors, and the headers can say
         # how much history was reused.
         first = await anext(outputs)
@@ -87,7 +101,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
                                                                 dropped) | skip_headers(first[1].skip)
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
 
-    results = await gather_choices(engine, rid, prompts, params, key, truncation, skip)
+    results = await gather_choices(engine, rid, prompts, params, key, truncation, skip, tenant)
     choices = [
         {
             "index": i,

@@ -76,6 +76,7 @@ async def run_choices(
     session_key: str | None,
     truncation: tuple[int, int] | None = None,
     skip: SkipRequest | None = None,
+    tenant: str = "public",
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yields (choice index, output). Leaving early (disconnect) aborts every choice."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -92,7 +93,8 @@ async def run_choices(
     # Only the first choice continues the session: one conversation has one history.
     tasks = [
         asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key if i == 0 else None,
-                                            skip=skip, truncation=truncation if i == 0 else None)))
+                                            skip=skip, truncation=truncation if i == 0 else None,
+                                            tenant=tenant)))
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
     ]
     remaining = len(tasks)
@@ -119,9 +121,10 @@ async def gather_choices(
     session_key: str | None,
     truncation: tuple[int, int] | None = None,
     skip: SkipRequest | None = None,
+    tenant: str = "public",
 ) -> list[ChoiceResult]:
     results = [ChoiceResult() for _ in prompts]
-    async for i, out in run_choices(engine, request_id, prompts, params, session_key, truncation, skip):
+    async for i, out in run_choices(engine, request_id, prompts, params, session_key, truncation, skip, tenant):
         r = results[i]
         if out.error is not None:
             raise APIError(500, out.error, type="server_error", code="internal_error")

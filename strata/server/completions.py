@@ -16,6 +16,7 @@ from strata.engine.tokenizer import Tokenizer
 from strata.server.choices import admit, cache_headers, gather_choices, prepend, run_choices, usage
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import completion_logprobs
+from strata.server.offload import off_loop
 from strata.server.protocol import CompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
 from strata.server.session_key import session_key
@@ -46,6 +47,26 @@ def _prompts(body: CompletionRequest, tok: Tokenizer) -> list[list[int]]:
     return prompts
 
 
+def _prepare(body: CompletionRequest, tok: Tokenizer, limit: int
+             ) -> tuple[list[list[int]], list[list[int]], list[SamplingParams], list[str]]:
+    """Tokens and sampling parameters of every choice, and the echoed prompts: CPU work, run off the event loop.
+
+    Returns (the prompts, each choice's prompt, each choice's parameters, each choice's echo).
+    """
+    prompts = _prompts(body, tok)
+    params: list[SamplingParams] = []
+    all_prompts: list[list[int]] = []
+    for ids in prompts:
+        max_tokens = max_new_tokens(body.max_tokens or 16, len(ids), limit)
+        for i in range(body.n):
+            params.append(sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size,
+                                          logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
+                                          choice=i))
+            all_prompts.append(ids)
+    echo = [tok.decode(ids) if body.echo else "" for ids in all_prompts]
+    return prompts, all_prompts, params, echo
+
+
 async def completions(state: ServerState, body: CompletionRequest, headers: Headers, tenant: str
                       ) -> JSONResponse | StreamingResponse:
     state.check_model(body.model)
@@ -57,34 +78,23 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
         raise bad_request("echo with logprobs (prompt logprobs) is not supported", param="echo")
     engine = state.ready_engine()
     tok = engine.engine.tokenizer
-    prompts = _prompts(body, tok)
-    limit = engine.engine.context_limit
-    params: list[SamplingParams] = []
-    all_prompts: list[list[int]] = []
-    for ids in prompts:
-        max_tokens = max_new_tokens(body.max_tokens or 16, len(ids), limit)
-        for i in range(body.n):
-            params.append(sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size,
-                                          logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
-                                          choice=i))
-            all_prompts.append(ids)
+    prompts, all_prompts, params, echo = await off_loop(_prepare, body, tok, engine.engine.context_limit)
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
     skip = skip_request(state, body.skip, headers)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    echo = [tok.decode(ids) if body.echo else "" for ids in all_prompts]
     prompt_tokens = sum(len(ids) for ids in prompts)
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        outputs = run_choices(engine, rid, all_prompts, params, key, skip=skip)
+        outputs = run_choices(engine, rid, all_prompts, params, key, skip=skip, tenant=tenant)
         first = await anext(outputs)  # errors before the first token are plain HTTP errors
         gen = _stream(state, rid, created, outputs, first, params, include_usage, echo, prompt_tokens)
         headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier
                                                                 ) | skip_headers(first[1].skip)
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
 
-    results = await gather_choices(engine, rid, all_prompts, params, key, skip=skip)
+    results = await gather_choices(engine, rid, all_prompts, params, key, skip=skip, tenant=tenant)
     choices = [
         {
             "index": i,

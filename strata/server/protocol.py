@@ -6,9 +6,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# OpenAI's limits on a request's stop sequences and logit_bias entries.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 512
+MAX_LOGIT_BIAS = 300
+INT64 = 2**63
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Python's json accepts NaN and Infinity; no sampling field means anything with them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Body):
@@ -35,6 +42,7 @@ class StreamOptions(_Body):
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class SkipField(_Body):
@@ -55,7 +63,7 @@ class SamplingFields(_Body):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)  # what a torch generator takes
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
@@ -63,10 +71,11 @@ class SamplingFields(_Body):
     # vLLM-style extensions
     top_k: int = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    # Below 0.01 the penalized logits overflow float32 (inf, then NaN probabilities).
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     skip: SkipField | None = None  # strata extension (AdaSkip); header X-Skip-Sublayers when absent
 
@@ -76,15 +85,19 @@ class SamplingFields(_Body):
         if v is None:
             return None
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop sequence must be at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
         for key in v or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit() is true, but int() refuses it
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return v
 
@@ -108,7 +121,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
@@ -132,4 +145,4 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId]

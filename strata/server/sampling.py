@@ -6,6 +6,12 @@ from strata.engine.sampling_params import SamplingParams
 from strata.server.errors import bad_request
 from strata.server.protocol import SamplingFields
 
+# Temperatures below this sample greedily (as vLLM): dividing the logits by them overflows float32.
+GREEDY_BELOW = 1e-5
+# Any top_p below 1/vocabulary keeps only the most likely token, and one below float32's range (5e-324)
+# would compare as 0 and drop every token: the floor changes nothing else.
+MIN_TOP_P = 1e-6
+
 
 def max_new_tokens(requested: int | None, prompt_len: int, context_limit: int) -> int:
     if prompt_len >= context_limit:
@@ -47,11 +53,12 @@ def sampling_params(
             raise bad_request(f"stop_token_ids: {tok} is out of the vocabulary", param="stop_token_ids")
     # Each of n choices draws from its own stream; with a seed the whole response is reproducible.
     seed = None if body.seed is None else body.seed + choice
+    temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(body.top_k, 0),
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P),
+        top_k=min(max(body.top_k, 0), vocab_size),  # any top_k past the vocabulary keeps all of it
         min_p=body.min_p,
         seed=seed,
         presence_penalty=body.presence_penalty,

@@ -18,6 +18,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 2**20
     shutdown_timeout: float = 30.0
     context_overflow: str = "truncate"  # or "error": a chat prompt too long for the context is a 400
+    request_timeout: float | None = None  # seconds a chat/completions request may run; None: no limit
 
 
 class ServerState:
@@ -30,7 +31,7 @@ class ServerState:
 
     def ready_engine(self) -> AsyncEngine:
         if self.engine is None or not self.engine.alive:
-            reason = self.load_error or "the model is still loading"
+            reason = self.load_error or ("the model is still loading" if self.engine is None else self.engine.status)
             raise APIError(503, f"The server is not ready: {reason}", type="server_error",
                            code="not_ready", headers={"Retry-After": "5"})
         return self.engine

@@ -1,0 +1,105 @@
+"""Sessions under races: two turns of one session at once (one with an edited history), and tier loads
+racing client aborts. Whatever survives equals a server that recomputes everything."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, started
+
+MODEL = "SmolLM2-135M-Instruct"
+
+TOPICS = ["the moon", "volcanoes", "honey bees", "the printing press", "glaciers", "octopuses", "jazz",
+          "the Roman roads", "lighthouses", "tea", "comets", "bridges"]
+
+
+def chat(base: str, messages: list[dict], session: str | None, max_tokens: int = 24) -> dict:
+    headers = {"X-Session-ID": session} if session else {}
+    r = httpx.post(base + "/v1/chat/completions", headers=headers, timeout=300,
+                   json={"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json() | {"tier": r.headers["X-Cache-Tier"]}
+
+
+def text(reply: dict) -> str:
+    return reply["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("races")
+    procs = {
+        # A small device pool and DRAM tier: histories come back from DRAM and SSD, not only HBM.
+        "on": ServerProcess("--kv-cache-gb", "0.06", "--dram-kv-gb", "0.02", "--ssd-dir", str(tmp / "ssd"),
+                            "--max-model-len", "2048", log=tmp / "on.log"),
+        "off": ServerProcess("--no-session-cache", "--kv-cache-gb", "0.2", "--max-model-len", "2048",
+                             log=tmp / "off.log"),
+    }
+    with started(procs):
+        yield procs
+
+
+def test_two_turns_of_one_session_at_once(servers):
+    """One session, two concurrent turns: a continuation and an edited history. Each equals recomputation."""
+    on, off = servers["on"].base_url, servers["off"].base_url
+    first = [{"role": "user", "content": "Tell me about the moon."}]
+    history = first + [{"role": "assistant", "content": text(chat(on, first, "race"))}]
+    turns = [
+        history + [{"role": "user", "content": "How far away is it?"}],
+        [{"role": "user", "content": "Tell me about the sun instead."}],  # the client edited the history
+    ]
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda m: chat(on, m, "race"), turns))
+        for messages, reply in zip(turns, got, strict=True):
+            assert text(reply) == text(chat(off, messages, None))
+
+
+@pytest.mark.slow
+def test_tier_loads_racing_aborts(servers):
+    """Twelve sessions with stored history; their next turns are sent with more traffic and half are cut
+    right after they were sent. Every turn that finishes equals recomputation, and no blocks stay held."""
+    on, off = servers["on"], servers["off"]
+    histories = {}
+    for i, topic in enumerate(TOPICS):
+        msgs = [{"role": "user", "content": f"Write a paragraph about {topic}."}]
+        histories[f"s{i}"] = msgs + [{"role": "assistant", "content": text(chat(on.base_url, msgs, f"s{i}", 64))}]
+    rng = random.Random(7)
+    cut = set(rng.sample(sorted(histories), 6))
+    results: dict[str, str] = {}
+
+    def turn(key: str) -> None:
+        msgs = histories[key] + [{"role": "user", "content": "Now say it in one sentence."}]
+        body = {"model": MODEL, "messages": msgs, "max_tokens": 24, "temperature": 0, "stream": True}
+        if key not in cut:
+            results[key] = text(chat(on.base_url, msgs, key))
+            return
+        try:  # a client that goes away right after sending
+            with httpx.stream("POST", on.base_url + "/v1/chat/completions", json=body,
+                              headers={"X-Session-ID": key}, timeout=rng.uniform(0.05, 0.4)) as r:
+                for _ in r.iter_lines():
+                    break
+        except httpx.TimeoutException:
+            pass
+
+    threads = [threading.Thread(target=turn, args=(k,)) for k in sorted(histories)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 6
+    for key, got in results.items():
+        msgs = histories[key] + [{"role": "user", "content": "Now say it in one sentence."}]
+        assert got == text(chat(off.base_url, msgs, None)), key
+    deadline = time.monotonic() + 5
+    while on.metric("strata_kv_blocks_used") or on.metric("strata_requests_running"):
+        assert time.monotonic() < deadline, "blocks stayed held after every request ended"
+        time.sleep(0.2)
+    hits = {t: on.metric(f'strata_kv_hits_total{{tier="{t}"}}') for t in ("dram", "ssd")}
+    assert hits["dram"] + hits["ssd"] > 0, hits
