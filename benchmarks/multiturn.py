@@ -30,9 +30,7 @@ import platform
 import random
 import re
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,9 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 from openai import OpenAI
+from server_process import Server
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "multiturn.md"
@@ -110,56 +108,6 @@ def conversations(sessions: int, turns: int, doc: tuple[int, int], question: tup
     except StopIteration:
         raise RuntimeError(f"corpus too small for {sessions} sessions of {turns} turns") from None
     return out
-
-
-# ---------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m strata serve` on a loopback port; stopped with SIGTERM."""
-
-    def __init__(self, flags: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "strata", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
-        self.proc = subprocess.Popen(cmd, cwd=REPO)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {shlex.join(cmd)}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("server did not become healthy in 300 s")
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples as {'name{labels}': value} (histogram buckets dropped)."""
-        out: dict[str, float] = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            if line.startswith("#") or "_bucket{" in line or not line.strip():
-                continue
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def mode_flags(mode: str, args: argparse.Namespace, ssd_dir: Path) -> list[str]:

@@ -103,3 +103,70 @@ def test_tier_loads_racing_aborts(servers):
         time.sleep(0.2)
     hits = {t: on.metric(f'strata_kv_hits_total{{tier="{t}"}}') for t in ("dram", "ssd")}
     assert hits["dram"] + hits["ssd"] > 0, hits
+
+
+def loads_racing_aborts(tmp_path, device: str | None = None, slow_copy: object = None) -> None:
+    """Eight sessions' next turns are admitted (their history loads start from DRAM/SSD) and every other one
+    is aborted before the step that would consume its load. The survivors equal recomputation, and the
+    aborted loads' blocks are freed only once their loader let go of them. Shared with tests/gpu."""
+    from strata.engine.config import EngineConfig
+    from strata.engine.llm_engine import LLMEngine
+    from strata.engine.request import Request
+    from strata.engine.sampling_params import SamplingParams
+    from tests.test_sessions import answer
+
+    cfg = EngineConfig(kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=600 * 46080 / 2**30, kv_chunk_tokens=32,
+                       device=device)
+    engine = LLMEngine(cfg)
+    reference = LLMEngine(EngineConfig(kv_cache_gb=0.1, session_cache=False, device=device))
+    prompts = {}
+    for i, topic in enumerate(TOPICS[:8]):
+        msgs = [{"role": "user", "content": f"Write a paragraph about {topic}."}]
+        _, reply, _, _ = answer(engine, f"first{i}", engine.tokenizer.encode_chat(msgs), f"t/s{i}", n=32)
+        msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And in one sentence?"}]
+        prompts[f"t/s{i}"] = engine.tokenizer.encode_chat(msgs)
+    assert engine.store is not None
+    engine.store.flush()
+    for key in engine.kv.cache.keys():
+        engine.kv.cache.drop(key)  # the histories must come from DRAM or SSD
+
+    for key, ids in prompts.items():
+        engine.add_request(Request(key, ids, SamplingParams(max_tokens=16, temperature=0.0), session_key=key))
+    if slow_copy is not None:  # loads still writing when the step after the aborts allocates their blocks again
+        slow_copy()
+    engine.scheduler.schedule()  # admission: the loads start
+    loading = [s for s in engine.scheduler.running if s.load is not None]
+    assert len(loading) >= 4, "the histories did not come from the tiers"
+    aborted = {s.request_id for s in loading[::2]}
+    for rid in aborted:
+        engine.abort(rid)
+    assert engine.kv.num_deferred_blocks > 0  # held until their loader lets go, not freed at once
+    got: dict[str, list[int]] = {}
+    while engine.has_work():
+        for o in engine.step():
+            assert o.error is None
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    for key, ids in prompts.items():
+        if key in aborted:
+            continue
+        want, _, _, _ = answer(reference, key, ids, None)
+        assert got[key] == want, key
+    deadline = time.monotonic() + 10
+    while engine.kv.num_deferred_blocks:
+        assert time.monotonic() < deadline, "a cancelled load never let go of its blocks"
+        time.sleep(0.05)
+        engine.kv.free_released()
+    assert engine.blocks_in_use == 0
+    engine.close()
+
+
+def test_tier_loads_racing_aborts_in_the_engine(tmp_path, monkeypatch):
+    import strata.storage.kv_loader as kv_loader
+
+    copy = kv_loader.copy_kv_slots
+
+    def slow(*args: object) -> None:
+        time.sleep(0.01)
+        copy(*args)
+
+    loads_racing_aborts(tmp_path, slow_copy=lambda: monkeypatch.setattr(kv_loader, "copy_kv_slots", slow))

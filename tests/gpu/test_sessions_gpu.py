@@ -80,3 +80,10 @@ def test_server_on_gpu_sessions_equal_recompute(tmp_path):
     finally:
         on.stop()
         off.stop()
+
+
+def test_tier_loads_racing_aborts_on_gpu(tmp_path):
+    """The same race on the GPU: loads run on their own CUDA stream (tests/test_session_races.py)."""
+    from tests.test_session_races import loads_racing_aborts
+
+    loads_racing_aborts(tmp_path, device="cuda")
