@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-gpu clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ bench-multiturn: $(STAMP)
 
 bench-adaskip: $(STAMP)
 	$(PY) benchmarks/adaskip.py
+
+# 20 minutes of mixed traffic after the fault table: writes docs/reliability.md (not part of `make bench`).
+bench-soak: $(STAMP)
+	$(PY) benchmarks/soak.py $(ARGS)
+
+# strata vs vLLM's CPU build on the same model (vLLM venv in .bench/vllm-venv, made by benchmarks/vllm_env.sh
+# on first use, about 4 GB): writes docs/serving.md (not part of `make bench`). ARGS=--quick for a smoke run.
+bench-serving: $(STAMP)
+	$(PY) benchmarks/serving.py $(ARGS)
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/gpu.py
