@@ -418,6 +418,11 @@ def plot(ratios: list[tuple[Metric, float]], path: Path) -> bool:
     return True
 
 
+def _no_local_paths(text: str, model_dir: Path) -> str:
+    """The doc names no path of the machine it ran on: the model directory and the checkout are placeholders."""
+    return text.replace(str(model_dir), "MODEL_DIR").replace(f"{REPO}/", "")
+
+
 def write_doc(results: dict, table: str, has_plot: bool, args: argparse.Namespace, regimes: list[Regime],
               facts: dict[str, str], directory: Path, argv: list[str]) -> None:
     cmds: list[str] = []
@@ -466,7 +471,7 @@ that it runs without triton-cpu. Raw results: `{RESULTS.relative_to(REPO)}/*.jso
 (`bench-*.json` as `vllm bench serve --save-result` wrote them, `summary.json`); server logs:
 `{RESULTS.relative_to(REPO)}/logs/`.
 """
-    DOC.write_text(text)
+    DOC.write_text(_no_local_paths(text, directory))
 
 
 # ---------------------------------------------------------------- main
