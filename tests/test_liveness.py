@@ -32,7 +32,7 @@ def _cut_after(port: int, path: str, body: dict, seconds: float, after_first: bo
     s = _raw_post(port, path, body)
     s.settimeout(0.02)
     got = b""
-    deadline = time.monotonic() + (120 if after_first else seconds)
+    deadline = time.monotonic() + (30 if after_first else seconds)
     try:
         while time.monotonic() < deadline:
             try:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
@@ -23,7 +23,7 @@ from strata.server.protocol import ChatCompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
 from strata.server.session_key import session_key
 from strata.server.skip import skip_headers, skip_request
-from strata.server.sse import SSE_DONE, sse
+from strata.server.sse import SSE_DONE, EventStream, sse
 from strata.server.state import ServerState
 
 
@@ -77,7 +77,7 @@ def _prepare(state: ServerState, body: ChatCompletionRequest, tok: Tokenizer, li
 
 
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, headers: Headers, tenant: str
-                           ) -> JSONResponse | StreamingResponse:
+                           ) -> JSONResponse | EventStream:
     state.check_model(body.model)
     _check_unsupported(body)
     engine = state.ready_engine()
@@ -97,9 +97,9 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
         # how much history was reused.
         first = await anext(outputs)
         gen = _stream(state, rid, created, len(prompt), outputs, first, include_usage, body.logprobs, body.n)
-        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier,
+        headers = cache_headers(first[1].num_cached_tokens, first[1].cache_tier,
                                                                 dropped) | skip_headers(first[1].skip)
-        return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+        return EventStream(gen, outputs, headers)
 
     results = await gather_choices(engine, rid, prompts, params, key, truncation, skip, tenant)
     choices = [

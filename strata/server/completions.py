@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
@@ -21,7 +21,7 @@ from strata.server.protocol import CompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
 from strata.server.session_key import session_key
 from strata.server.skip import skip_headers, skip_request
-from strata.server.sse import SSE_DONE, sse
+from strata.server.sse import SSE_DONE, EventStream, sse
 from strata.server.state import ServerState
 
 
@@ -68,7 +68,7 @@ def _prepare(body: CompletionRequest, tok: Tokenizer, limit: int
 
 
 async def completions(state: ServerState, body: CompletionRequest, headers: Headers, tenant: str
-                      ) -> JSONResponse | StreamingResponse:
+                      ) -> JSONResponse | EventStream:
     state.check_model(body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", param="suffix")
@@ -90,9 +90,9 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
         outputs = run_choices(engine, rid, all_prompts, params, key, skip=skip, tenant=tenant)
         first = await anext(outputs)  # errors before the first token are plain HTTP errors
         gen = _stream(state, rid, created, outputs, first, params, include_usage, echo, prompt_tokens)
-        headers = {"Cache-Control": "no-cache"} | cache_headers(first[1].num_cached_tokens, first[1].cache_tier
+        headers = cache_headers(first[1].num_cached_tokens, first[1].cache_tier
                                                                 ) | skip_headers(first[1].skip)
-        return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+        return EventStream(gen, outputs, headers)
 
     results = await gather_choices(engine, rid, all_prompts, params, key, skip=skip, tenant=tenant)
     choices = [

@@ -5,8 +5,10 @@ non-streaming handler awaits the whole generation, a streaming one its first tok
 response exists, and uvicorn's send() after a disconnect quietly does nothing (Starlette only
 stops a stream itself under ASGI spec < 2.4, by listening on `receive`). So the handler runs as
 a task while a watcher reads the ASGI `receive` channel; a disconnect or the deadline cancels
-that task, then the task producing the stream's chunks. Cancelling is enough: leaving
-AsyncEngine.generate early aborts the engine request.
+that task, then the task producing the stream's chunks (started as soon as the handler returns,
+since a client may leave before Starlette reads the body). Leaving AsyncEngine.generate early
+aborts the engine request; a stream's source of outputs is closed when its producer is done,
+even if it never started.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.types import Receive
 
 from strata.server.errors import APIError
-from strata.server.sse import SSE_DONE, sse
+from strata.server.sse import SSE_DONE, EventStream, sse
 
 T = TypeVar("T")
 _END = object()
@@ -83,13 +85,15 @@ class Guard:
                 raise  # cancelled from outside (shutdown), not by this guard
             raise self.error() from None
 
-    async def stream(self, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The chunks of `body`, produced in a task of their own so that the guard can end it at any await."""
+    def stream(self, response: EventStream) -> AsyncIterator[Any]:
+        """The response's events, produced from now on in a task of their own so that the guard can end
+        it at any await. Once that task is done, for whatever reason, the response's source is closed."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
+        events, source = response.body_iterator, response.source
 
         async def produce() -> None:
             try:
-                async for chunk in body:
+                async for chunk in events:
                     queue.put_nowait(chunk)
             except Exception as e:  # a bug: re-raised where the response is sent
                 queue.put_nowait(e)
@@ -97,6 +101,11 @@ class Guard:
                 queue.put_nowait(_END)
 
         task = self._start(produce())
+        # A done callback runs even for a task cancelled before its first step (whose finally never runs).
+        task.add_done_callback(lambda _: _keep(asyncio.ensure_future(source.aclose())))
+        return self._forward(queue, task)
+
+    async def _forward(self, queue: asyncio.Queue[Any], task: asyncio.Task[None]) -> AsyncIterator[Any]:
         try:
             while (chunk := await queue.get()) is not _END:
                 if isinstance(chunk, Exception):
@@ -118,8 +127,8 @@ async def guarded(request: Request, timeout: float | None, handler: Coroutine[An
     except BaseException:
         guard.close()
         raise
-    if isinstance(response, StreamingResponse):
-        response.body_iterator = guard.stream(response.body_iterator)
+    if isinstance(response, EventStream):
+        response.body_iterator = guard.stream(response)
     else:
         guard.close()
     return response
