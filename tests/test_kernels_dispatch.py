@@ -1,6 +1,7 @@
 """The kernel dispatch and the GPU-side logic that runs on CPU: each op's dispatch equals its reference
-bit for bit on CPU tensors, the GPU prefill formulation equals the reference, and the tier loader's
-per-layer path (the one the CUDA streams drive) moves KV unchanged. tests/gpu covers the CUDA side."""
+on CPU tensors (bit for bit where it is the reference; the C++ decode kernel within float rounding), the
+GPU prefill formulation equals the reference, and the tier loader's per-layer path (the one the CUDA
+streams drive) moves KV unchanged. tests/gpu covers the CUDA side."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, PrefillSlice, SkipPlan
-from strata.kernels import cuda_ext, kv_copy, ops, paged_attention, prefill_gpu
+from strata.kernels import cpu_ext, cuda_ext, kv_copy, ops, paged_attention, prefill_gpu
 from strata.kernels.device import default_device
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
@@ -45,16 +46,38 @@ def same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("heads,kv_heads,dim", SHAPES)
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_decode_dispatch_is_the_reference_on_cpu(heads, kv_heads, dim, block_size):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_dispatch_is_the_reference_on_cpu(heads, kv_heads, dim, block_size, dtype):
     gen = torch.Generator().manual_seed(heads * block_size)
     q, k, v, tables, lens = paged_case(gen, heads, kv_heads, dim, block_size, [1, 40, 300])
-    # The reference masks with -inf: padded slots must hold numbers for it (the kernels never read them).
-    k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
-    want = paged_attention.paged_decode_attention(q, k0, v0, tables, lens, dim**-0.5)
-    same(ops.paged_decode_attention(q, k0, v0, tables, lens, dim**-0.5), want)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    # The reference masks with -inf: padded slots must hold numbers for it. The kernel never reads them:
+    # it gets the NaNs.
+    want = paged_attention.paged_decode_attention(q.float(), k.nan_to_num(0.0).float(), v.nan_to_num(0.0).float(),
+                                                  tables, lens, dim**-0.5)
+    tol = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    got = ops.paged_decode_attention(q, k, v, tables, lens, dim**-0.5)
+    assert got.dtype == dtype and got.isfinite().all()
+    torch.testing.assert_close(got.float(), want, **tol)
     out = torch.full_like(q, float("nan"))
-    assert ops.paged_decode_attention(q, k0, v0, tables, lens, dim**-0.5, out=out) is out
-    same(out, want)
+    assert ops.paged_decode_attention(q, k, v, tables, lens, dim**-0.5, out=out) is out
+    same(out, got)
+    strided = torch.full((q.shape[0], q.shape[1], 2 * dim), float("nan"), dtype=dtype)[..., :dim]
+    assert ops.paged_decode_attention(q, k, v, tables, lens, dim**-0.5, out=strided) is strided
+    same(strided, got)
+
+
+def test_cpu_kernel_is_built_and_checks_its_indices():
+    """The C++ kernel builds on this machine (the CPU fast path), and bad indices raise, never read outside."""
+    assert cpu_ext.loaded(), "the CPU kernels did not build"
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, tables, lens = paged_case(gen, 9, 3, 64, 16, [20, 40])
+    out = torch.empty_like(q)
+    for bad_tables, bad_lens, bad_rows in ((tables + 1000, lens, torch.arange(2)),
+                                           (tables, lens + 1000, torch.arange(2)),
+                                           (tables, lens, torch.tensor([0, 5]))):
+        with pytest.raises(RuntimeError):
+            torch.ops.strata_cpu.paged_attention(out, q, k, v, bad_tables, bad_rows, bad_lens, 0.125)
 
 
 def test_decode_reference_matches_dense_attention():

@@ -1,8 +1,8 @@
-"""One function per op: the CUDA kernel for GPU tensors, the PyTorch reference otherwise.
+"""One function per op: a compiled kernel where one supports the inputs, the PyTorch reference otherwise.
 
-On CPU every function here is exactly its reference (same calls, same results, bit for bit). On a GPU
-the compiled extension runs where it supports the inputs (dtype, head size, alignment); anything else,
-or a GPU without the extension, runs the reference on the GPU: slower, never wrong.
+On a GPU the CUDA extension runs where it supports the inputs (dtype, head size, alignment); on CPU the
+C++ kernels (strata.kernels.cpu_ext) run decode attention. Anything else, or a machine where a kernel
+could not be built, runs the reference: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from strata.kernels import kv_copy, paged_attention, prefill_gpu
+from strata.kernels import cpu_ext, kv_copy, paged_attention, prefill_gpu
 from strata.kernels.cuda_ext import extension
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,10 @@ def _rows_aligned(*tensors: torch.Tensor) -> bool:
 
 
 def prepare(device: torch.device) -> None:
-    """At start-up on a GPU: build or load the kernels now (not inside the first request) and log the choices."""
+    """At start-up: build or load the kernels now (not inside the first request) and log the choices."""
+    if device.type == "cpu":
+        log.info("decode attention on CPU: %s", "C++ kernel" if cpu_ext.loaded() else "PyTorch reference")
+        return
     if device.type != "cuda":
         return
     ext = extension()
@@ -64,6 +67,13 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its cached context: q [B, heads, d] -> [B, heads, d] (into `out` if given)."""
+    if q.device.type == "cpu" and q.dtype in DTYPES and cpu_ext.loaded():
+        q = q.contiguous()
+        result = out if out is not None and out.is_contiguous() else torch.empty_like(q)
+        rows = torch.arange(q.shape[0])
+        torch.ops.strata_cpu.paged_attention(result, q, k_cache, v_cache, block_tables.contiguous(), rows,
+                                             context_lens.contiguous(), float(scale))
+        return result if out is None or result is out else out.copy_(result)
     ext = _ext(q)
     if (ext is None or q.dtype not in DTYPES or q.shape[-1] not in DECODE_HEAD_DIMS
             or not _rows_aligned(k_cache, v_cache) or k_cache.stride() != v_cache.stride()):

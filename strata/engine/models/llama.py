@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, SkipPlan, SublayerStats
 from strata.engine.models.config import ModelConfig
 from strata.kernels.device import default_device
+from strata.kernels.linear import Linear
 from strata.kernels.ops import paged_decode_attention, prefill_attention, prepare, write_kv
 from strata.kernels.paged_attention import gather_kv
 from strata.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
@@ -32,16 +33,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class LlamaLayer:
     def __init__(self, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> None:
         a = prefix + "self_attn."
-        self.qkv = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
-        self.qkv_bias = (
+        qkv_bias = (
             torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
             if cfg.attention_bias
             else None
         )
-        self.o = w[a + "o_proj.weight"]
+        self.qkv = Linear(torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
+                          qkv_bias)
+        self.o = Linear(w[a + "o_proj.weight"])
         m = prefix + "mlp."
-        self.gate_up = torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])
-        self.down = w[m + "down_proj.weight"]
+        self.gate_up = Linear(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]))
+        self.down = Linear(w[m + "down_proj.weight"])
         self.attn_norm = w[prefix + "input_layernorm.weight"]
         self.mlp_norm = w[prefix + "post_attention_layernorm.weight"]
 
@@ -55,7 +57,7 @@ class LlamaModel:
         prepare(self.device)  # on a GPU: build or load the kernels now, log the attention backends
         w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"])
         self.norm = w["model.norm.weight"]
         self.layers = [LlamaLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -105,8 +107,8 @@ class LlamaModel:
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             x = x + self._attention(h, layer, i, cos, sin, batch, kv_cache)
             h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
 
     def _forward_skipping(
@@ -157,8 +159,8 @@ class LlamaModel:
 
     @staticmethod
     def _mlp(h: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
-        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down)
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return layer.down(F.silu(gate) * up)
 
     @staticmethod
     def _io_stats(
@@ -182,7 +184,7 @@ class LlamaModel:
         return stats
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float().cpu()  # sampling runs on the host (a no-op on CPU)
+        return self.lm_head(hidden).float().cpu()  # sampling runs on the host (a no-op on CPU)
 
     def _attention(
         self,
@@ -197,7 +199,7 @@ class LlamaModel:
         cfg = self.cfg
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = h.shape[0]
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        qkv = layer.qkv(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(k.view(t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
@@ -217,4 +219,4 @@ class LlamaModel:
             out[rows] = paged_decode_attention(
                 q[rows], k_cache, v_cache, batch.decode_block_tables[index], batch.decode_context_lens, self.scale
             )
-        return F.linear(out.view(t, self.q_size), layer.o)
+        return layer.o(out.view(t, self.q_size))

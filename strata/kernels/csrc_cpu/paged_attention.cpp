@@ -1,0 +1,203 @@
+// Attention over the paged KV cache on CPU: every query row reads its sequence's K/V blocks where they
+// lie, instead of gathering the whole context into a padded copy per layer (the PyTorch reference,
+// strata/kernels/paged_attention.py, is this kernel's test oracle).
+//
+// One work item is (query row, KV head): the G query heads that share that KV head are scored against
+// each cached token in one pass over K, softmaxed in float32, then one pass over V accumulates them.
+// Rows are independent, so a decode batch is one row per sequence and a prefill chunk over history is
+// one row per new token, each with its own context length (causal).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// A row of K or V in float32. Written as plain loops over raw bits so that the compiler vectorizes them.
+inline void load_row(const float* src, float* dst, int64_t d) {
+  std::memcpy(dst, src, d * sizeof(float));
+}
+
+inline void load_row(const c10::BFloat16* src, float* dst, int64_t d) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) {
+    uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
+    dst[i] = __builtin_bit_cast(float, bits);
+  }
+}
+
+inline void load_row(const c10::Half* src, float* dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// exp(x) for the softmax (x <= 0 there): 2^k * 2^f, k an integer, |f| <= 1/2, 2^f by Cephes' exp2f
+// polynomial (relative error ~1e-7). Plain arithmetic on floats and bits, so that loops over it vectorize.
+inline float softmax_exp(float x) {
+  const float t = std::max(x, -87.f) * 1.44269504088896341f;  // log2(e)
+  const float k = std::floor(t + 0.5f);
+  const float f = t - k;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T, int64_t D>
+void attend_rows(T* out, const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                 int64_t table_stride, const int64_t* row_seq, const int64_t* row_len, int64_t rows,
+                 int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale) {
+  const int64_t d = D > 0 ? D : head_dim;  // D: the head size known at compile time (0: any)
+  const int64_t group = heads / kv_heads;
+  const int64_t token_stride = kv_heads * d;  // elements between consecutive tokens of one block
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * d), row(d), acc(group * d), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / kv_heads, kvh = item % kv_heads;
+      const int64_t len = row_len[r];
+      const int64_t* table = tables + row_seq[r] * table_stride;
+      for (int64_t g = 0; g < group; ++g) {
+        load_row(q + (r * heads + kvh * group + g) * d, qf.data() + g * d, d);
+        for (int64_t i = 0; i < d; ++i) qf[g * d + i] *= scale;
+      }
+      scores.assign(group * len, 0.f);
+      // Pass 1: scores of every cached token, block by block.
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const T* base = k_cache + table[t0 / block_size] * block_size * token_stride + kvh * d;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          load_row(base + j * token_stride, row.data(), d);
+          for (int64_t g = 0; g < group; ++g) scores[g * len + t0 + j] = dot(qf.data() + g * d, row.data(), d);
+        }
+      }
+      // Softmax per head, in float32.
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          s[t] = softmax_exp(s[t] - m);
+          sum += s[t];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      // Pass 2: the weighted sum of V.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const T* base = v_cache + table[t0 / block_size] * block_size * token_stride + kvh * d;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          load_row(base + j * token_stride, row.data(), d);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + t0 + j];
+            float* a = acc.data() + g * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* o = out + (r * heads + kvh * group + g) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[g * d + i]);
+      }
+    }
+  });
+}
+
+template <int64_t D>
+void dispatch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const int64_t* tables, int64_t table_stride, const int64_t* seq, const int64_t* len, float s) {
+  const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return attend_rows<float, D>(out.data_ptr<float>(), q.data_ptr<float>(), k_cache.data_ptr<float>(),
+                         v_cache.data_ptr<float>(), tables, table_stride, seq, len, rows, heads, kv_heads, d,
+                         block_size, s);
+    case at::kBFloat16:
+      return attend_rows<c10::BFloat16, D>(out.data_ptr<c10::BFloat16>(), q.data_ptr<c10::BFloat16>(),
+                         k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), tables, table_stride,
+                         seq, len, rows, heads, kv_heads, d, block_size, s);
+    case at::kHalf:
+      return attend_rows<c10::Half, D>(out.data_ptr<c10::Half>(), q.data_ptr<c10::Half>(), k_cache.data_ptr<c10::Half>(),
+                         v_cache.data_ptr<c10::Half>(), tables, table_stride, seq, len, rows, heads, kv_heads, d,
+                         block_size, s);
+    default:
+      TORCH_CHECK(false, "paged_attention: float32, bfloat16 or float16");
+  }
+}
+
+void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& row_seq, const at::Tensor& row_len,
+                     double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(),
+              "q and out: contiguous [rows, heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "caches: contiguous [blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == out.scalar_type(), "one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.stride(1) == 1,
+              "block_tables: int64 [sequences, max_blocks]");
+  TORCH_CHECK(row_seq.scalar_type() == at::kLong && row_len.scalar_type() == at::kLong && row_seq.is_contiguous() &&
+                  row_len.is_contiguous() && row_seq.numel() == q.size(0) && row_len.numel() == q.size(0),
+              "row_seq, row_len: int64 [rows]");
+  const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == d && heads % kv_heads == 0, "head_dim and GQA groups must match");
+  const int64_t* len = row_len.data_ptr<int64_t>();
+  const int64_t* seq = row_seq.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t num_blocks = k_cache.size(0), table_stride = block_tables.stride(0);
+  for (int64_t r = 0; r < rows; ++r) {  // a wrong index would read outside the cache: check them all
+    TORCH_CHECK(seq[r] >= 0 && seq[r] < block_tables.size(0), "row_seq out of the block tables");
+    TORCH_CHECK(len[r] >= 1 && len[r] <= block_tables.size(1) * block_size, "context length out of the table");
+    for (int64_t b = 0; b < (len[r] + block_size - 1) / block_size; ++b) {
+      const int64_t block = tables[seq[r] * table_stride + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block id out of the cache");
+    }
+  }
+  const float s = static_cast<float>(scale);
+  switch (d) {
+    case 64:
+      return dispatch<64>(out, q, k_cache, v_cache, tables, table_stride, seq, len, s);
+    case 128:
+      return dispatch<128>(out, q, k_cache, v_cache, tables, table_stride, seq, len, s);
+    default:
+      return dispatch<0>(out, q, k_cache, v_cache, tables, table_stride, seq, len, s);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(strata_cpu, m) {
+  m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor row_seq, Tensor row_len, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(strata_cpu, CPU, m) { m.impl("paged_attention", &paged_attention); }
