@@ -332,9 +332,9 @@ def main() -> None:
     t_start = time.perf_counter()
 
     log(f"loading strata (budgets {DEFAULT_BUDGET} and 2048) and transformers, {args.threads} threads ...")
-    engines = {DEFAULT_BUDGET: LLMEngine(EngineConfig())}
+    engines = {DEFAULT_BUDGET: LLMEngine(EngineConfig(dtype="float32"))}
     if DEFAULT_BUDGET != 2048:
-        engines[2048] = LLMEngine(EngineConfig(max_num_batched_tokens=2048))
+        engines[2048] = LLMEngine(EngineConfig(dtype="float32", max_num_batched_tokens=2048))
     base = engines[DEFAULT_BUDGET]
     hf = HFRunner(base.files.directory)
     strata = {b: StrataRunner(e) for b, e in engines.items()}

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048, help="prompt tokens")
     args = ap.parse_args(argv)
-    engine = LLMEngine(EngineConfig(kv_cache_gb=0.5, session_cache=False))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.5, session_cache=False))
     text = pydoc.render_doc(importlib.import_module("argparse"), renderer=pydoc.plaintext)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)[: args.tokens]
     print(f"| request ({len(ids)}-token prompt) | peak blocks | MiB | of the full model |")

@@ -52,8 +52,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                         "X-Skip-Sublayers); 0: none")
     p.add_argument("--skip-mode", choices=["prefill", "decode", "e2e"], default="e2e",
                    help="where skipping applies unless a request says: prefill, decode, or both (e2e)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and KV cache dtype (float32 on CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and KV cache dtype; auto: bfloat16 on GPUs and on CPUs with AVX-512 BF16 or AMX, "
+                        "float32 on other CPUs (logged)")
     p.add_argument("--device", default=os.environ.get("STRATA_DEVICE", "cpu"),
                    help="where the model and the KV cache live: cpu, cuda or cuda:N (env STRATA_DEVICE)")
     p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),

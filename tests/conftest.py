@@ -52,7 +52,7 @@ def engine():
     from strata.engine.config import EngineConfig
     from strata.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(kv_cache_gb=0.25))
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.25))
 
 
 def free_port() -> int:
@@ -62,9 +62,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`strata serve` as a subprocess on a free loopback port."""
+    """`strata serve` as a subprocess on a free loopback port (float32 unless `args` say otherwise: outputs are
+    compared with in-process float32 engines and with transformers)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        if "--dtype" not in args:
+            args = ("--dtype", "float32", *args)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log

@@ -46,3 +46,17 @@ def test_multibyte_characters_are_not_split(engine):
         out += delta
     out += text.take_delta(final=True)
     assert out == "naïve café 東京"
+
+
+def test_incremental_text_is_the_whole_decode(engine):
+    """Token by token, the text is what decoding the whole output gives (spaces, code, emoji, CJK, specials)."""
+    tok = engine.tokenizer
+    sample = "def f(x):\n    return x  # ok 👍🏽 naïve   東京, <|im_end|> done.\n\n  Ünïcödé ✓"
+    ids = tok.encode(sample, add_special_tokens=False)
+    for skip_special in (True, False):
+        text = OutputText(tok, [], skip_special)
+        for i in range(1, len(ids) + 1):
+            text.update(ids[:i])
+            whole = tok.decode(ids[:i], skip_special_tokens=skip_special)
+            assert text.text == whole or (whole.endswith("\ufffd") and text.text.rstrip("\ufffd") in whole)
+        assert text.text == tok.decode(ids, skip_special_tokens=skip_special)

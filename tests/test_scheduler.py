@@ -31,7 +31,7 @@ def run(engine: LLMEngine, max_steps: int = 5000) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def solo():
-    return LLMEngine(EngineConfig(kv_cache_gb=0.25, session_cache=False))
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.25, session_cache=False))
 
 
 def test_tight_pool_no_livelock_and_outputs_equal_solo(solo):
@@ -39,7 +39,8 @@ def test_tight_pool_no_livelock_and_outputs_equal_solo(solo):
     preemptions) and every answer equals its solo run."""
     # 40 blocks of 16 tokens per layer: 640 tokens in all, the six need 840.
     per_block = 2 * 16 * 3 * 64 * 4
-    engine = LLMEngine(EngineConfig(kv_cache_gb=30 * 40 * per_block / 2**30, max_num_batched_tokens=256))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=30 * 40 * per_block / 2**30,
+                                    max_num_batched_tokens=256))
     tok = engine.tokenizer
     prompts = {f"r{i}": tok.encode(f"Story number {i}: once upon a time there was a")[:40] for i in range(6)}
     for rid, ids in prompts.items():
@@ -53,7 +54,7 @@ def test_tight_pool_no_livelock_and_outputs_equal_solo(solo):
 
 
 def test_preempted_sequence_reuses_everything_it_computed():
-    engine = LLMEngine(EngineConfig(kv_cache_gb=0.1))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1))
     ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
     engine.add_request(Request("a", ids, greedy(40), session_key="t/a"))
     for _ in range(21):  # the prompt, then 20 decode steps
@@ -70,7 +71,7 @@ def test_preempted_sequence_reuses_everything_it_computed():
 
 
 def test_anonymous_prefix_reuse_stays_within_a_tenant():
-    engine = LLMEngine(EngineConfig(kv_cache_gb=0.1))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1))
     ids = engine.tokenizer.encode("A shared system prompt that is long enough to fill several blocks. " * 4)
     cached = {}
     for rid, tenant in (("a", "t1"), ("b", "t2"), ("c", "t1")):

@@ -115,10 +115,10 @@ def loads_racing_aborts(tmp_path, device: str | None = None, slow_copy: object =
     from strata.engine.sampling_params import SamplingParams
     from tests.test_sessions import answer
 
-    cfg = EngineConfig(kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=600 * 46080 / 2**30, kv_chunk_tokens=32,
-                       device=device)
+    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=600 * 46080 / 2**30,
+                       kv_chunk_tokens=32, device=device)
     engine = LLMEngine(cfg)
-    reference = LLMEngine(EngineConfig(kv_cache_gb=0.1, session_cache=False, device=device))
+    reference = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, session_cache=False, device=device))
     prompts = {}
     for i, topic in enumerate(TOPICS[:8]):
         msgs = [{"role": "user", "content": f"Write a paragraph about {topic}."}]

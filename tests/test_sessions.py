@@ -36,13 +36,14 @@ def answer(engine: LLMEngine, rid: str, ids: list[int], key: str | None, n: int 
 
 @pytest.fixture(scope="module")
 def reference():
-    return LLMEngine(EngineConfig(kv_cache_gb=0.1, session_cache=False))
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, session_cache=False))
 
 
 @pytest.mark.slow
 def test_every_tier_serves_what_recomputation_serves(tmp_path, reference):
     """Two interleaved sessions; DRAM holds about one, so the other is read back from SSD; then a restart."""
-    cfg = EngineConfig(kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=256 * 46080 / 2**30, kv_chunk_tokens=32)
+    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=256 * 46080 / 2**30,
+                       kv_chunk_tokens=32)
     engine = LLMEngine(cfg)
     histories = {"a": [], "b": []}
     tiers_seen: set[str] = set()
@@ -75,7 +76,7 @@ def test_every_tier_serves_what_recomputation_serves(tmp_path, reference):
 
 
 def test_edited_history_reuses_only_the_common_prefix(tmp_path, reference):
-    engine = LLMEngine(EngineConfig(kv_cache_gb=0.1, ssd_dir=str(tmp_path)))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path)))
     msgs = [{"role": "user", "content": TURNS[0]}]
     first = answer(engine, "1", engine.tokenizer.encode_chat(msgs), "s")
     msgs += [{"role": "assistant", "content": first[1]}, {"role": "user", "content": TURNS[1]}]
@@ -98,7 +99,7 @@ def test_edited_history_reuses_only_the_common_prefix(tmp_path, reference):
 
 def test_corrupt_and_foreign_chunks_are_never_served(tmp_path, reference, model_files):
     ssd = tmp_path / "ssd"
-    engine = LLMEngine(EngineConfig(kv_cache_gb=0.1, ssd_dir=str(ssd), kv_chunk_tokens=32))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(ssd), kv_chunk_tokens=32))
     msgs = [{"role": "user", "content": TURNS[0]}]
     first = answer(engine, "1", engine.tokenizer.encode_chat(msgs), "s")
     engine.close()
@@ -109,7 +110,7 @@ def test_corrupt_and_foreign_chunks_are_never_served(tmp_path, reference, model_
     data[-100] ^= 0xFF  # flip a payload byte
     victim.write_bytes(bytes(data))
 
-    engine = LLMEngine(EngineConfig(kv_cache_gb=0.1, ssd_dir=str(ssd), kv_chunk_tokens=32))
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(ssd), kv_chunk_tokens=32))
     assert engine.store.stats()["corrupt_chunks_discarded"] >= 1
     msgs += [{"role": "assistant", "content": first[1]}, {"role": "user", "content": TURNS[1]}]
     ids = engine.tokenizer.encode_chat(msgs)
@@ -122,7 +123,8 @@ def test_corrupt_and_foreign_chunks_are_never_served(tmp_path, reference, model_
     shutil.copytree(model_files.directory, other)
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(cfg | {"strata_test_marker": 1}))
-    foreign = LLMEngine(EngineConfig(model=str(other), kv_cache_gb=0.1, ssd_dir=str(ssd), kv_chunk_tokens=32))
+    foreign = LLMEngine(EngineConfig(dtype="float32", model=str(other), kv_cache_gb=0.1, ssd_dir=str(ssd),
+                                     kv_chunk_tokens=32))
     assert foreign.files.fingerprint != model_files.fingerprint
     assert foreign.store.stats()["corrupt_chunks_discarded"] >= 1
     again = answer(foreign, "3", ids, "s")
@@ -132,7 +134,7 @@ def test_corrupt_and_foreign_chunks_are_never_served(tmp_path, reference, model_
 
 def test_capacities_hold_under_many_sessions(tmp_path):
     dram, ssd_bytes = 300 * 46080, 1500 * 46080
-    engine = LLMEngine(EngineConfig(kv_cache_gb=0.05, ssd_dir=str(tmp_path), dram_kv_gb=dram / 2**30,
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.05, ssd_dir=str(tmp_path), dram_kv_gb=dram / 2**30,
                                     ssd_kv_gb=ssd_bytes / 2**30, kv_chunk_tokens=32))
     for s in range(10):
         answer(engine, f"r{s}", engine.tokenizer.encode_chat([{"role": "user", "content": TURNS[s % 5] * 3}]),

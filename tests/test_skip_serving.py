@@ -3,6 +3,7 @@ headers, errors, and session KV that was computed with skipping never being reus
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,17 +19,23 @@ from strata.engine.sequence import Sequence
 from strata.engine.skip.calibrate import run_calibration
 from strata.engine.skip.policy import make_policy
 from strata.engine.skip.profile import PROFILE_FILE, SkipProfile
+from strata.engine.skip_setup import load_profile
 from tests.conftest import ServerProcess, started
 
 QUESTION = [{"role": "user", "content": "Tell me about the moon."}]
 TURN_2 = "How far away is it?"
 
 
-def _link_model(src: Path, dst: Path) -> Path:
+def _link_model(src: Path, dst: Path, other_weights: bool = False) -> Path:
+    """The model at `src` without its profile; with `other_weights`, under another fingerprint (a changed
+    config), so that the profile shipped for the default model does not apply either."""
     dst.mkdir()
     for f in src.iterdir():
         if f.name != PROFILE_FILE and f.is_file():
-            (dst / f.name).symlink_to(f)
+            if other_weights and f.name == "config.json":
+                (dst / f.name).write_text(json.dumps(json.loads(f.read_text()) | {"strata_test_marker": 1}))
+            else:
+                (dst / f.name).symlink_to(f)
     return dst
 
 
@@ -38,12 +45,12 @@ def model_dirs(tmp_path_factory, model_files) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("skip-models")
     calibrated = _link_model(model_files.directory, root / "calibrated")
     run_calibration(str(calibrated), requests=2, min_tokens=256, chunk=256, progress=False)
-    return calibrated, _link_model(model_files.directory, root / "uncalibrated")
+    return calibrated, _link_model(model_files.directory, root / "uncalibrated", other_weights=True)
 
 
 @pytest.fixture(scope="module")
 def engine(model_dirs) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model_dirs[0]), kv_cache_gb=0.1, session_cache=False))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs[0]), kv_cache_gb=0.1, session_cache=False))
 
 
 def run(engine: LLMEngine, requests: list[Request], seqs: dict[str, Sequence] | None = None
@@ -114,18 +121,18 @@ def test_skip_requests_are_checked_before_they_run(engine, model_dirs, tmp_path)
         engine.add_request(Request("big", [1, 2, 3], greedy(2), skip=SkipRequest(59, "e2e")))
     with pytest.raises(RequestRejected, match="mode"):
         engine.add_request(Request("mode", [1, 2, 3], greedy(2), skip=SkipRequest(2, "both")))
-    bare = LLMEngine(EngineConfig(model=str(model_dirs[1]), kv_cache_gb=0.02))
+    bare = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs[1]), kv_cache_gb=0.02))
     assert bare.skips.profile is None
     with pytest.raises(RequestRejected, match="strata calibrate --model"):
         bare.add_request(Request("np", [1, 2, 3], greedy(2), skip=SkipRequest(4, "e2e")))
     with pytest.raises(ValueError, match="strata calibrate"):  # a default that can never work fails at start
-        LLMEngine(EngineConfig(model=str(model_dirs[1]), kv_cache_gb=0.02, skip_sublayers=4))
+        LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs[1]), kv_cache_gb=0.02, skip_sublayers=4))
     # A profile calibrated for other weights is ignored, with a warning.
     profile = SkipProfile.load(model_dirs[0] / PROFILE_FILE)
     foreign = _link_model(model_dirs[1], tmp_path / "foreign")
     profile.fingerprint = "0" * 64
     profile.save(foreign / PROFILE_FILE)
-    assert LLMEngine(EngineConfig(model=str(foreign), kv_cache_gb=0.02)).skips.profile is None
+    assert LLMEngine(EngineConfig(dtype="float32", model=str(foreign), kv_cache_gb=0.02)).skips.profile is None
 
 
 @pytest.mark.slow
@@ -137,7 +144,7 @@ def test_preempted_skipping_sequences_recompute_to_the_same_output(engine, model
     reqs = lambda: [Request(f"q{i}", p, greedy(40), skip=s)  # noqa: E731
                     for i, (p, s) in enumerate(zip(prompts, specs, strict=True))]
     ref = run(engine, reqs())
-    small = LLMEngine(EngineConfig(model=str(model_dirs[0]), kv_cache_gb=8 * 16 * 46080 / 2**30,
+    small = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs[0]), kv_cache_gb=8 * 16 * 46080 / 2**30,
                                    max_num_batched_tokens=24, session_cache=False))
     seqs: dict[str, Sequence] = {}
     squeezed = run(small, reqs(), seqs)
@@ -257,3 +264,14 @@ def test_session_kv_computed_with_skipping_is_never_reused(servers):
     got, h, _, _ = chat(srv, msgs, n=12, extra_headers=session)
     assert int(h["x-cached-tokens"]) == prompt_1 and h["x-skip-policy"] == "none"
     assert got == chat(ref, msgs, n=12)[0]
+
+
+def test_the_default_model_skips_out_of_the_box(client, model_name, model_files):
+    """strata ships the default model's AdaSkip profile (a full calibration): X-Skip-Sublayers works on a
+    fresh install, without `strata calibrate`."""
+    profile = load_profile(model_files.directory, model_files.fingerprint)
+    assert profile is not None and profile.requests >= 20 and len(profile.ranking) == 2 * 30
+    raw = client.chat.completions.with_raw_response.create(
+        model=model_name, messages=QUESTION, max_tokens=4, extra_headers={"X-Skip-Sublayers": "4"})
+    assert raw.headers["X-Skip-Policy"] == "adaskip"
+    assert len(raw.headers["X-Skipped-Sublayers"].split(",")) == 4

@@ -15,14 +15,14 @@ from strata.engine.model_runner import LoadFailed, ModelRunner
 from strata.engine.models.llama import LlamaModel
 from strata.engine.output_text import OutputText
 from strata.engine.request import Request, RequestOutput, SkipRequest
-from strata.engine.sampler import sample_token
+from strata.engine.sampler import plain_greedy_tokens, sample_token
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.engine.skip_setup import SkipRejected, SkipSetup
 from strata.engine.stats import EngineSnapshot, EngineStats
 from strata.engine.tokenizer import Tokenizer
 from strata.engine.weights.model_files import ModelFiles, resolve_model
-from strata.kernels.device import default_device, resolve_device
+from strata.kernels.device import default_device, fast_dtype, resolve_device
 from strata.storage.block_pool import BlockPool
 from strata.storage.kv_store import KVStore
 
@@ -39,9 +39,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.files: ModelFiles = resolve_model(config.model)
-        dtype = DTYPES[config.dtype]
         t0 = time.monotonic()
         device = resolve_device(config.device) if config.device is not None else default_device()
+        if config.dtype == "auto":
+            dtype, why = fast_dtype(device)
+            log.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), why)
+        else:
+            dtype = DTYPES[config.dtype]
         self.model = LlamaModel.load(self.files.directory, dtype, device)
         self.tokenizer = Tokenizer(self.files.directory)
         cfg = self.model.cfg
@@ -201,9 +205,10 @@ class LLMEngine:
         for seq, n in batch.items:
             self.kv.saved(seq, seq.num_computed - n, seq.num_computed)
         outputs = []
+        greedy = plain_greedy_tokens(logits, [seq.sampling for seq in seqs])
         for i, seq in enumerate(seqs):
             try:
-                outputs.append(self._append_token(seq, logits[i]))
+                outputs.append(self._append_token(seq, logits[i], greedy.get(i)))
             except Exception as e:  # this request's sampling, text or stop check: it alone ends
                 log.exception("request %s failed after the forward pass", seq.request_id)
                 outputs.append(self._fail(seq, f"internal error in request {seq.request_id}: {e}"))
@@ -230,13 +235,16 @@ class LLMEngine:
         """Everything /metrics shows, copied on the engine thread (no other thread reads engine state)."""
         return EngineSnapshot.take(self, in_flight)
 
-    def _append_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+    def _append_token(self, seq: Sequence, logits: torch.Tensor, token: int | None) -> RequestOutput:
+        """Sample `seq`'s next token from its logits row (unless `token` was picked already) and emit it."""
         p = seq.sampling
         if self.faults.active:
             self.faults.before_sample(p.seed)
         stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
-        token, logprob = sample_token(logits, p, seq.token_ids[: seq.num_prompt_tokens], seq.output_ids,
-                                      stop_ids, seq.generator)
+        logprob = None
+        if token is None:
+            token, logprob = sample_token(logits, p, seq.token_ids[: seq.num_prompt_tokens], seq.output_ids,
+                                          stop_ids, seq.generator)
         seq.token_ids.append(token)
         self.stats.generation_tokens += 1
         if seq.first_token_time is None:

@@ -1,4 +1,10 @@
-"""Incremental detokenization with stop strings that are never emitted, even across tokens."""
+"""Incremental detokenization with stop strings that are never emitted, even across tokens.
+
+Each update decodes only the last few tokens: the text of ids[prefix:] minus the text of
+ids[prefix:read] is what the new tokens add. Decoding from a few tokens back, not from the new
+token alone, keeps what depends on context (a word's leading space, a character split over
+tokens) right; re-decoding the whole output every token would cost O(n^2) over a long answer.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,29 @@ class OutputText:
         self.text = ""
         self._emitted = 0
         self.stopped = False
+        self._committed = ""  # the text of ids[:read], final
+        self._prefix = 0  # ids[prefix:read] is decoded again as the context of new tokens
+        self._read = 0
 
     def update(self, output_ids: list[int]) -> None:
-        """Re-decode the output; cut it at the first stop string, if one appeared."""
+        """Decode the new output tokens; cut the text at the first stop string, if one appeared."""
         if self.stopped:
             return
         before = len(self.text)
-        text = self._tok.decode(output_ids, skip_special_tokens=self._skip_special)
+        decode = self._tok.decode
+        context = decode(output_ids[self._prefix : self._read], skip_special_tokens=self._skip_special)
+        window = decode(output_ids[self._prefix :], skip_special_tokens=self._skip_special)
+        if window.startswith(context):
+            tail = window[len(context) :]
+            text = self._committed + tail
+            if tail and not tail.endswith("\ufffd"):  # whole characters: commit them
+                self._committed = text
+                self._prefix, self._read = self._read, len(output_ids)
+        else:  # a tokenizer whose text of a window is not an extension of its context: decode it all
+            text = decode(output_ids, skip_special_tokens=self._skip_special)
+            if not text.endswith("\ufffd"):
+                self._committed = text
+                self._prefix, self._read = max(0, len(output_ids) - 4), len(output_ids)
         cut = -1
         for s in self._stop:
             i = text.find(s, max(0, min(before, len(text)) - len(s) + 1))

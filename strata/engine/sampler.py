@@ -1,4 +1,8 @@
-"""Turn one row of logits into the next token, as the request's sampling parameters ask."""
+"""Turn logits into next tokens, as each request's sampling parameters ask.
+
+Plain greedy rows (no penalties, bias or logprobs: most traffic) are one argmax over the batch;
+every other row is sampled on its own.
+"""
 
 from __future__ import annotations
 
@@ -67,3 +71,12 @@ def sample_token(
             top = list(zip(ids.tolist(), vals.tolist(), strict=True))
         logprob = TokenLogprob(token, float(lp[token]), top)
     return token, logprob
+
+
+def plain_greedy_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> dict[int, int]:
+    """Row -> token for the rows that are plain argmax, in one batched call. logits: [rows, vocab]."""
+    rows = [i for i, p in enumerate(params) if p.greedy and not p.needs_processing and not p.logprobs]
+    if not rows:
+        return {}
+    picked = logits if len(rows) == len(params) else logits[torch.tensor(rows, dtype=torch.long)]
+    return dict(zip(rows, picked.argmax(dim=-1).tolist(), strict=True))

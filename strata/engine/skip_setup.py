@@ -1,7 +1,8 @@
 """The engine's AdaSkip setup: its policy, the model's profile, and a RequestSkipState per request.
 
 The profile (`adaskip-profile.json`, written by `strata calibrate`) is read once at start from
-the model directory; one calibrated for other weights is ignored with a warning. Without a
+the model directory, else from the profiles shipped with strata (the default model's); one
+calibrated for other weights is ignored with a warning. Without a
 profile the baseline policies still work, and AdaSkip requests are refused before they run.
 """
 
@@ -14,7 +15,7 @@ from typing import cast
 from strata.engine.config import EngineConfig
 from strata.engine.request import SkipReport, SkipRequest
 from strata.engine.skip.policy import POLICIES, SkipPolicy, make_policy
-from strata.engine.skip.profile import ProfileMismatchError, SkipProfile, profile_path
+from strata.engine.skip.profile import ProfileMismatchError, SkipProfile, profile_path, shipped_profile_path
 from strata.engine.skip.request_state import MODES, Mode, RequestSkipState
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class SkipRejected(ValueError):
 
 def load_profile(model_dir: Path, fingerprint: str) -> SkipProfile | None:
     path = profile_path(model_dir)
+    if not path.exists():
+        path = shipped_profile_path(fingerprint)
     if not path.exists():
         return None
     try:

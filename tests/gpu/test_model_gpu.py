@@ -19,7 +19,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Ex
 
 def engine_on(device: str, monkeypatch: pytest.MonkeyPatch, **kw) -> LLMEngine:
     monkeypatch.setenv("STRATA_DEVICE", device)
-    return LLMEngine(EngineConfig(kv_cache_gb=0.25, session_cache=False, **kw))
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.25, session_cache=False, **kw))
 
 
 def greedy_all(engine: LLMEngine, prompts: list[list[int]], n: int = 32) -> list[list[int]]:

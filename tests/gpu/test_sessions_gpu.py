@@ -21,8 +21,9 @@ def on_gpu(monkeypatch):
 
 
 def test_every_tier_on_gpu_serves_what_recomputation_serves(tmp_path, on_gpu):
-    reference = LLMEngine(EngineConfig(kv_cache_gb=0.1, session_cache=False))
-    cfg = EngineConfig(kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=256 * 46080 / 2**30, kv_chunk_tokens=32)
+    reference = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, session_cache=False))
+    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=256 * 46080 / 2**30,
+                       kv_chunk_tokens=32)
     engine = LLMEngine(cfg)
     assert engine.pool.kv.is_cuda and engine.store is not None
     histories: dict[str, list[dict[str, str]]] = {"a": [], "b": []}

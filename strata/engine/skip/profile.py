@@ -1,6 +1,8 @@
 """The per-model AdaSkip profile: offline IO similarities, scales and their joint ranking.
 
-Stored as JSON next to the model's (converted) directory, so calibration runs once per model.
+Stored as JSON next to the model's (converted) directory, so calibration runs once per model. The
+default model's profile ships with strata (profiles/, named by the weights' fingerprint), so AdaSkip
+works on it out of the box; a profile next to the model takes precedence.
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ class ProfileMismatchError(ValueError):
     """The profile was calibrated on other weights than the model being served."""
 
 
+SHIPPED = Path(__file__).resolve().parent / "profiles"
+
+
 def profile_path(model_dir: Path) -> Path:
     return model_dir / PROFILE_FILE
+
+
+def shipped_profile_path(fingerprint: str) -> Path:
+    return SHIPPED / f"{fingerprint[:16]}.json"
 
 
 @dataclass

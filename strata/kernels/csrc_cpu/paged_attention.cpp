@@ -2,8 +2,9 @@
 // lie, instead of gathering the whole context into a padded copy per layer (the PyTorch reference,
 // strata/kernels/paged_attention.py, is this kernel's test oracle).
 //
-// One work item is (query row, KV head): the G query heads that share that KV head are scored against
-// each cached token in one pass over K, softmaxed in float32, then one pass over V accumulates them.
+// A work item is a query row (with all its heads, or one KV head's group of query heads when rows are
+// few): its heads are scored against each cached token in one pass over K, softmaxed in float32, then
+// one pass over V accumulates them.
 // Rows are independent, so a decode batch is one row per sequence and a prefill chunk over history is
 // one row per new token, each with its own context length (causal).
 
@@ -71,29 +72,39 @@ void attend_rows(T* out, const T* q, const T* k_cache, const T* v_cache, const i
   const int64_t d = D > 0 ? D : head_dim;  // D: the head size known at compile time (0: any)
   const int64_t group = heads / kv_heads;
   const int64_t token_stride = kv_heads * d;  // elements between consecutive tokens of one block
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), row(d), acc(group * d), scores;
+  // A work item is one row with all its KV heads (each block is then read front to back), or with one
+  // KV head when there are too few rows to keep every thread busy.
+  const int64_t span = rows >= 2 * at::get_num_threads() ? kv_heads : 1;
+  const int64_t splits = kv_heads / span;
+  at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(span * group * d), row(d), acc(span * group * d), scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / kv_heads, kvh = item % kv_heads;
+      const int64_t r = item / splits, h0 = item % splits * span;  // KV heads h0 .. h0 + span - 1
       const int64_t len = row_len[r];
       const int64_t* table = tables + row_seq[r] * table_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        load_row(q + (r * heads + kvh * group + g) * d, qf.data() + g * d, d);
-        for (int64_t i = 0; i < d; ++i) qf[g * d + i] *= scale;
+      const int64_t nq = span * group;  // query heads of this item, from query head h0 * group on
+      for (int64_t h = 0; h < nq; ++h) {
+        load_row(q + (r * heads + h0 * group + h) * d, qf.data() + h * d, d);
+        for (int64_t i = 0; i < d; ++i) qf[h * d + i] *= scale;
       }
-      scores.assign(group * len, 0.f);
+      scores.resize(nq * len);
       // Pass 1: scores of every cached token, block by block.
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const T* base = k_cache + table[t0 / block_size] * block_size * token_stride + kvh * d;
+        const T* base = k_cache + table[t0 / block_size] * block_size * token_stride + h0 * d;
         const int64_t n = std::min(block_size, len - t0);
         for (int64_t j = 0; j < n; ++j) {
-          load_row(base + j * token_stride, row.data(), d);
-          for (int64_t g = 0; g < group; ++g) scores[g * len + t0 + j] = dot(qf.data() + g * d, row.data(), d);
+          for (int64_t kh = 0; kh < span; ++kh) {
+            load_row(base + j * token_stride + kh * d, row.data(), d);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t h = kh * group + g;
+              scores[h * len + t0 + j] = dot(qf.data() + h * d, row.data(), d);
+            }
+          }
         }
       }
       // Softmax per head, in float32.
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
+      for (int64_t h = 0; h < nq; ++h) {
+        float* s = scores.data() + h * len;
         float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
         for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
@@ -110,21 +121,24 @@ void attend_rows(T* out, const T* q, const T* k_cache, const T* v_cache, const i
       // Pass 2: the weighted sum of V.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const T* base = v_cache + table[t0 / block_size] * block_size * token_stride + kvh * d;
+        const T* base = v_cache + table[t0 / block_size] * block_size * token_stride + h0 * d;
         const int64_t n = std::min(block_size, len - t0);
         for (int64_t j = 0; j < n; ++j) {
-          load_row(base + j * token_stride, row.data(), d);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * len + t0 + j];
-            float* a = acc.data() + g * d;
+          for (int64_t kh = 0; kh < span; ++kh) {
+            load_row(base + j * token_stride + kh * d, row.data(), d);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t h = kh * group + g;
+              const float p = scores[h * len + t0 + j];
+              float* a = acc.data() + h * d;
 #pragma omp simd
-            for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
+              for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
+            }
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        T* o = out + (r * heads + kvh * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[g * d + i]);
+      for (int64_t h = 0; h < nq; ++h) {
+        T* o = out + (r * heads + h0 * group + h) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[h * d + i]);
       }
     }
   });
