@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-gpu clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-dtype bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-soak: $(STAMP)
 # on first use, about 4 GB): writes docs/serving.md (not part of `make bench`). ARGS=--quick for a smoke run.
 bench-serving: $(STAMP)
 	$(PY) benchmarks/serving.py $(ARGS)
+
+bench-dtype: $(STAMP)
+	$(PY) benchmarks/dtype_agreement.py $(ARGS)
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/gpu.py

@@ -382,6 +382,41 @@ def ratio_table(results: dict, metrics: list[Metric]) -> tuple[str, list[tuple[M
     return "\n".join(lines), ratios
 
 
+# The engine-speed goals, as (metric label prefix, strata/vLLM bound, "max" or "min").
+GOALS = [("output tok/s, c=16", 1.3, "min"), ("median TPOT, c=16", 1.0, "max"), ("median TTFT, c=16", 1.0, "max"),
+         ("output tok/s, c=1", 1.0, "min"), ("multi-turn in memory (", 1.0, "max"),
+         ("multi-turn in memory: median TTFT", 0.8, "max"), ("multi-turn tight (", 1.0, "max"),
+         ("multi-turn tight: median TTFT", 0.5, "max")]
+
+
+def goal_lines(ratios: list[tuple[Metric, float]]) -> list[str]:
+    """One line per goal: the bound, the measured ratio, met or not."""
+    lines = []
+    for prefix, bound, kind in GOALS:
+        found = [(m, r) for m, r in ratios if m.label.startswith(prefix)]
+        if not found:
+            continue
+        m, r = found[0]
+        met = r >= bound if kind == "min" else r <= bound
+        sign = ">=" if kind == "min" else "<="
+        lines.append(f"- {m.label}: strata / vLLM {sign} {bound:g}: measured {r:.2f}, "
+                     f"{'**met**' if met else '**not met**'}")
+    return lines
+
+
+NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
+
+
+def kept_notes() -> str:
+    """The hand-written analysis of the last run (between the notes markers), kept when the doc is rewritten."""
+    if not DOC.exists():
+        return ""
+    text = DOC.read_text()
+    if NOTES_BEGIN not in text or NOTES_END not in text:
+        return ""
+    return text[text.index(NOTES_BEGIN): text.index(NOTES_END) + len(NOTES_END)]
+
+
 def plot(ratios: list[tuple[Metric, float]], path: Path) -> bool:
     try:
         import matplotlib
@@ -423,8 +458,9 @@ def _no_local_paths(text: str, model_dir: Path) -> str:
     return text.replace(str(model_dir), "MODEL_DIR").replace(f"{REPO}/", "")
 
 
-def write_doc(results: dict, table: str, has_plot: bool, args: argparse.Namespace, regimes: list[Regime],
-              facts: dict[str, str], directory: Path, argv: list[str]) -> None:
+def write_doc(results: dict, table: str, ratios: list[tuple[Metric, float]], has_plot: bool,
+              args: argparse.Namespace, regimes: list[Regime], facts: dict[str, str], directory: Path,
+              argv: list[str]) -> None:
     cmds: list[str] = []
     for contender in CONTENDERS:
         for regime, shown in results.get(contender, {}).get("_servers", {}).items():
@@ -457,6 +493,12 @@ for times below 1 is.
 {table}
 
 {'![strata advantage per metric](' + PLOT.name + ')' if has_plot else ''}
+
+## Goals
+
+{chr(10).join(goal_lines(ratios))}
+
+{kept_notes()}
 
 ## Exact commands
 
@@ -563,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"total {time.perf_counter() - t_start:.0f} s; raw results in {RESULTS.relative_to(REPO)}/")
     if not args.no_doc:
         has_plot = plot(ratios, PLOT) if ratios else False
-        write_doc(results, table, has_plot, args, regimes, machine_facts(), directory, argv_shown)
+        write_doc(results, table, ratios, has_plot, args, regimes, machine_facts(), directory, argv_shown)
         log(f"wrote {DOC.relative_to(REPO)}" + (f" and {PLOT.relative_to(REPO)}" if has_plot else ""))
     return 0
 
