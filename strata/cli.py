@@ -44,6 +44,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-overflow", choices=["truncate", "error"], default="truncate",
                    help="a chat prompt with no room left for the completion: drop its oldest non-system "
                         "messages (reusing the session's re-rotated KV), or answer 400 context_length_exceeded")
+    p.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral"], default=None,
+                   help="the format the model writes tool calls in (tool_choice auto); default: the one its "
+                        "chat template shows, else hermes (<tool_call> blocks, strata's generic format)")
     p.add_argument("--skip-policy", choices=list(POLICIES), default="adaskip",
                    help="sublayer skipping policy: adaskip (needs `strata calibrate` once per model) or the "
                         "baselines early-exit, skipdecode, unified")
@@ -92,6 +95,7 @@ def serve(args: argparse.Namespace) -> None:
         shutdown_timeout=args.shutdown_timeout,
         context_overflow=args.context_overflow,
         request_timeout=args.request_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
     app = build_app(settings)
     run_http(app, args.host, args.port, args.log_level, args.shutdown_timeout)

@@ -10,6 +10,7 @@ import torch
 
 from strata.engine.config import EngineConfig
 from strata.engine.faults import Faults
+from strata.engine.grammar import GrammarCompiler, mask_logits
 from strata.engine.kv_cache import KVCacheManager
 from strata.engine.model_runner import LoadFailed, ModelRunner
 from strata.engine.models.llama import LlamaModel
@@ -67,6 +68,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
+        self.grammars = GrammarCompiler(self.files.directory, cfg.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._seed_source = torch.Generator().manual_seed(config.seed)
         log.info("model %s loaded in %.1fs: %d layers, KV cache %d blocks of one layer's %d tokens (%.2f GiB)",
@@ -205,9 +207,12 @@ class LLMEngine:
         for seq, n in batch.items:
             self.kv.saved(seq, seq.num_computed - n, seq.num_computed)
         outputs = []
+        unmasked = mask_logits(logits, {i: seq.grammar for i, seq in enumerate(seqs) if seq.grammar is not None})
         greedy = plain_greedy_tokens(logits, [seq.sampling for seq in seqs])
         for i, seq in enumerate(seqs):
             try:
+                if i in unmasked:
+                    raise unmasked[i]
                 outputs.append(self._append_token(seq, logits[i], greedy.get(i)))
             except Exception as e:  # this request's sampling, text or stop check: it alone ends
                 log.exception("request %s failed after the forward pass", seq.request_id)
@@ -243,8 +248,11 @@ class LLMEngine:
         stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
         logprob = None
         if token is None:
+            # A grammar decides where the output may end: min_tokens does not mask stop tokens then.
             token, logprob = sample_token(logits, p, seq.token_ids[: seq.num_prompt_tokens], seq.output_ids,
-                                          stop_ids, seq.generator)
+                                          stop_ids if seq.grammar is None else [], seq.generator)
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise RuntimeError(f"token {token} does not follow the request's grammar")
         seq.token_ids.append(token)
         self.stats.generation_tokens += 1
         if seq.first_token_time is None:
@@ -254,7 +262,8 @@ class LLMEngine:
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
 
-        stopped_by_token = token in stop_ids  # the sampler masks these until min_tokens
+        # The sampler masks stop tokens until min_tokens; a grammar ends on one of the model's stop tokens.
+        stopped_by_token = token in stop_ids or (seq.grammar is not None and seq.grammar.finished)
         text_ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
         seq.output_text.update(text_ids)
         if stopped_by_token or seq.output_text.stopped:

@@ -7,6 +7,8 @@ from functools import cached_property
 
 import torch
 
+from strata.engine.grammar import Grammar
+
 GREEDY_BELOW = 1e-5
 
 
@@ -29,6 +31,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    grammar: Grammar | None = None  # structured output: what the text must match
 
     @property
     def greedy(self) -> bool:

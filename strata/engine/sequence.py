@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from strata.engine.grammar import GrammarState
 from strata.engine.output_text import OutputText
 from strata.engine.request import Request, TokenLogprob
 from strata.engine.skip.request_state import RequestSkipState
@@ -47,6 +48,8 @@ class Sequence:
         self.pending_token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.generator = torch.Generator().manual_seed(seed)
+        grammar = request.sampling.grammar
+        self.grammar: GrammarState | None = grammar.matcher() if grammar is not None else None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
 

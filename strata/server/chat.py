@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from strata.engine.grammar import Grammar, GrammarCompiler
 from strata.engine.request import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import ChatTemplateError, Tokenizer
@@ -25,21 +26,14 @@ from strata.server.session_key import session_key
 from strata.server.skip import skip_headers, skip_request
 from strata.server.sse import SSE_DONE, EventStream, sse
 from strata.server.state import ServerState
-
-
-def _check_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise bad_request("This model does not support tools; remove `tools`.", param="tools")
-    if body.tool_choice not in (None, "none"):
-        raise bad_request("This model does not support tools; remove `tool_choice`.", param="tool_choice")
-    fmt = (body.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise bad_request(f"response_format type {fmt!r} is not supported; only 'text'.",
-                          param="response_format")
+from strata.server.structured import compile_spec, output_grammar, requested_spec
+from strata.server.tool_calls import ToolCallStream, new_call_id, parse_tool_output
+from strata.server.tools import ToolPlan, template_messages, tool_grammar, tool_plan
 
 
 def _fit_context(state: ServerState, tok: Tokenizer, messages: list[dict[str, Any]], prompt: list[int],
-                 requested: int | None, limit: int, add_generation_prompt: bool) -> Fitted | None:
+                 requested: int | None, limit: int, add_generation_prompt: bool,
+                 tools: list[dict[str, Any]] | None) -> Fitted | None:
     """--context-overflow truncate: drop the oldest turns when the prompt leaves no room for the completion.
 
     None when nothing needs to go, or nothing can (then the usual context-length check answers).
@@ -47,7 +41,8 @@ def _fit_context(state: ServerState, tok: Tokenizer, messages: list[dict[str, An
     reserve = completion_reserve(requested, limit)
     if state.settings.context_overflow != "truncate" or len(prompt) + reserve <= limit:
         return None
-    return fit_messages(lambda m: tok.encode_chat(m, add_generation_prompt), messages, prompt, limit - reserve)
+    return fit_messages(lambda m: tok.encode_chat(m, add_generation_prompt, tools), messages, prompt,
+                        limit - reserve)
 
 
 @dataclass
@@ -56,33 +51,51 @@ class _Prepared:
     params: list[SamplingParams]
     truncation: tuple[int, int] | None
     dropped: int  # tokens of history dropped to fit the context
+    tools: ToolPlan | None  # the tools the model may or must call
 
 
-def _prepare(state: ServerState, body: ChatCompletionRequest, tok: Tokenizer, limit: int) -> _Prepared:
-    """Template, tokens, context fitting and sampling parameters: CPU work, run off the event loop."""
-    messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
-                for m in body.messages]
+def _prepare(state: ServerState, body: ChatCompletionRequest, tok: Tokenizer, limit: int,
+             grammars: GrammarCompiler) -> _Prepared:
+    """Template, tokens, context fitting, grammar and sampling parameters: CPU work, run off the event loop."""
+    plan = tool_plan(body, tok.template_source, state.settings.tool_call_parser)
+    messages, tools = template_messages(body.messages, plan, tok.template_takes_tools)
     try:
-        prompt = tok.encode_chat(messages, body.add_generation_prompt)
+        prompt = tok.encode_chat(messages, body.add_generation_prompt, tools)
     except ChatTemplateError as e:
         raise bad_request(str(e), param="messages") from e
     requested = body.max_completion_tokens or body.max_tokens
-    fitted = _fit_context(state, tok, messages, prompt, requested, limit, body.add_generation_prompt)
+    fitted = _fit_context(state, tok, messages, prompt, requested, limit, body.add_generation_prompt, tools)
     if fitted is not None:
         prompt = fitted.prompt_ids
     max_tokens = max_new_tokens(requested, len(prompt), limit)
+    grammar = _grammar(body, plan, grammars)
     params = [sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size, logprobs=body.logprobs,
-                              top_logprobs=body.top_logprobs or 0, choice=i) for i in range(body.n)]
-    return _Prepared(prompt, params, fitted.truncation if fitted else None, fitted.dropped_tokens if fitted else 0)
+                              top_logprobs=body.top_logprobs or 0, choice=i, grammar=grammar)
+              for i in range(body.n)]
+    if plan is not None and plan.mode == "auto" and plan.parser == "mistral":
+        for p in params:
+            p.skip_special_tokens = False  # [TOOL_CALLS] is a special token: the parser must see it
+    return _Prepared(prompt, params, fitted.truncation if fitted else None, fitted.dropped_tokens if fitted else 0,
+                     plan)
+
+
+def _grammar(body: ChatCompletionRequest, plan: ToolPlan | None, grammars: GrammarCompiler) -> Grammar | None:
+    """A required or named tool call is written under its grammar; otherwise response_format's, if any."""
+    spec = tool_grammar(plan) if plan is not None else None
+    if spec is None:
+        return output_grammar(body, grammars)
+    if requested_spec(body) is not None:
+        raise bad_request("a required or named tool call cannot have a response format too",
+                          param="response_format")
+    return compile_spec(grammars, *spec)
 
 
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, headers: Headers, tenant: str
                            ) -> JSONResponse | EventStream:
     state.check_model(body.model)
-    _check_unsupported(body)
     engine = state.ready_engine()
     tok = engine.engine.tokenizer
-    prep = await off_loop(_prepare, state, body, tok, engine.engine.context_limit)
+    prep = await off_loop(_prepare, state, body, tok, engine.engine.context_limit, engine.engine.grammars)
     prompt, params, truncation, dropped = prep.prompt, prep.params, prep.truncation, prep.dropped
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
     skip = skip_request(state, body.skip, headers)
@@ -96,7 +109,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
         # Wait for the first token: errors before it are plain HTTP errors, and the headers can say
         # how much history was reused.
         first = await anext(outputs)
-        gen = _stream(state, rid, created, len(prompt), outputs, first, include_usage, body.logprobs, body.n)
+        gen = _stream(state, rid, created, len(prompt), outputs, first, include_usage, body.logprobs, body.n,
+                      prep.tools)
         headers = cache_headers(first[1].num_cached_tokens, first[1].cache_tier,
                                                                 dropped) | skip_headers(first[1].skip)
         return EventStream(gen, outputs, headers)
@@ -105,10 +119,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": r.text, "refusal": None},
             "logprobs": chat_logprobs(tok, r.logprobs) if body.logprobs else None,
-            "finish_reason": r.finish_reason,
-        }
+        } | _message(r.text, r.finish_reason, prep.tools)
         for i, r in enumerate(results)
     ]
     totals = usage(len(prompt), sum(r.num_output_tokens for r in results), results[0].num_cached_tokens)
@@ -119,9 +131,29 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
         results[0].skip))
 
 
+def _message(text: str, finish_reason: str | None, plan: ToolPlan | None) -> dict[str, Any]:
+    """A whole choice's message and finish_reason: its text, or the tool calls in it."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if plan is None:
+        return {"message": message, "finish_reason": finish_reason}
+    content, calls = parse_tool_output(plan, text)
+    message["content"] = content
+    if calls:
+        message["tool_calls"] = [{"id": new_call_id(), "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+    return {"message": message, "finish_reason": _finish_reason(finish_reason, bool(calls), plan)}
+
+
+def _finish_reason(reason: str | None, called: bool, plan: ToolPlan | None) -> str | None:
+    # As OpenAI: "tool_calls" when the model chose to call (auto, required); a named call ends with "stop".
+    if plan is not None and called and reason == "stop" and plan.mode != "named":
+        return "tool_calls"
+    return reason
+
+
 async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int,
                   outputs: AsyncIterator[tuple[int, RequestOutput]], first: tuple[int, RequestOutput],
-                  include_usage: bool, logprobs: bool, n: int) -> AsyncIterator[str]:
+                  include_usage: bool, logprobs: bool, n: int, plan: ToolPlan | None) -> AsyncIterator[str]:
     tok = state.ready_engine().engine.tokenizer
     base: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
                             "model": state.model_name, "system_fingerprint": None}
@@ -129,6 +161,7 @@ async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int
         base["usage"] = None
     completion = [0] * n
     cached = 0
+    calls = [ToolCallStream(plan) if plan is not None else None for _ in range(n)]
     for i in range(n):
         yield sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                        "logprobs": None, "finish_reason": None}]})
@@ -139,14 +172,24 @@ async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int
                 raise APIError(500, out.error, type="server_error", code="internal_error")
             completion[i] = out.num_output_tokens
             cached = out.num_cached_tokens if i == 0 else cached
-            if out.new_text or out.logprobs:
+            stream = calls[i]
+            if stream is None:
+                deltas: list[dict[str, Any]] = [{"content": out.new_text}] if out.new_text else []
+            else:
+                deltas = stream.feed(out.new_text)
+            if stream is not None and out.finished:
+                deltas += stream.finish()
+            if out.logprobs and not deltas:
+                deltas = [{}]
+            for k, delta in enumerate(deltas):
                 yield sse(base | {"choices": [{
-                    "index": i, "delta": {"content": out.new_text},
-                    "logprobs": chat_logprobs(tok, out.logprobs) if logprobs else None,
+                    "index": i, "delta": delta,
+                    "logprobs": chat_logprobs(tok, out.logprobs) if logprobs and k == 0 else None,
                     "finish_reason": None}]})
             if out.finished:
+                reason = _finish_reason(out.finish_reason, stream is not None and stream.called, plan)
                 yield sse(base | {"choices": [{"index": i, "delta": {}, "logprobs": None,
-                                               "finish_reason": out.finish_reason}]})
+                                               "finish_reason": reason}]})
     except APIError as e:
         # Headers are gone: an error inside a stream is a final event with an error object.
         yield sse(e.body())

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from strata.engine.grammar import GrammarCompiler
 from strata.engine.request import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import Tokenizer
@@ -23,6 +24,7 @@ from strata.server.session_key import session_key
 from strata.server.skip import skip_headers, skip_request
 from strata.server.sse import SSE_DONE, EventStream, sse
 from strata.server.state import ServerState
+from strata.server.structured import output_grammar
 
 
 def _prompts(body: CompletionRequest, tok: Tokenizer) -> list[list[int]]:
@@ -47,13 +49,14 @@ def _prompts(body: CompletionRequest, tok: Tokenizer) -> list[list[int]]:
     return prompts
 
 
-def _prepare(body: CompletionRequest, tok: Tokenizer, limit: int
+def _prepare(body: CompletionRequest, tok: Tokenizer, limit: int, grammars: GrammarCompiler
              ) -> tuple[list[list[int]], list[list[int]], list[SamplingParams], list[str]]:
     """Tokens and sampling parameters of every choice, and the echoed prompts: CPU work, run off the event loop.
 
     Returns (the prompts, each choice's prompt, each choice's parameters, each choice's echo).
     """
     prompts = _prompts(body, tok)
+    grammar = output_grammar(body, grammars)
     params: list[SamplingParams] = []
     all_prompts: list[list[int]] = []
     for ids in prompts:
@@ -61,7 +64,7 @@ def _prepare(body: CompletionRequest, tok: Tokenizer, limit: int
         for i in range(body.n):
             params.append(sampling_params(body, max_tokens=max_tokens, vocab_size=tok.vocab_size,
                                           logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
-                                          choice=i))
+                                          choice=i, grammar=grammar))
             all_prompts.append(ids)
     echo = [tok.decode(ids) if body.echo else "" for ids in all_prompts]
     return prompts, all_prompts, params, echo
@@ -78,7 +81,8 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
         raise bad_request("echo with logprobs (prompt logprobs) is not supported", param="echo")
     engine = state.ready_engine()
     tok = engine.engine.tokenizer
-    prompts, all_prompts, params, echo = await off_loop(_prepare, body, tok, engine.engine.context_limit)
+    prompts, all_prompts, params, echo = await off_loop(_prepare, body, tok, engine.engine.context_limit,
+                                                        engine.engine.grammars)
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
     skip = skip_request(state, body.skip, headers)
     rid = f"cmpl-{uuid.uuid4().hex}"

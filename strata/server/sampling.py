@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from strata.engine.grammar import Grammar
 from strata.engine.sampling_params import SamplingParams
 from strata.server.errors import bad_request
 from strata.server.protocol import SamplingFields
@@ -40,6 +41,7 @@ def sampling_params(
     logprobs: bool,
     top_logprobs: int,
     choice: int,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
@@ -72,4 +74,5 @@ def sampling_params(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         skip_special_tokens=body.skip_special_tokens,
+        grammar=grammar,
     )

@@ -19,6 +19,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     context_overflow: str = "truncate"  # or "error": a chat prompt too long for the context is a 400
     request_timeout: float | None = None  # seconds a chat/completions request may run; None: no limit
+    tool_call_parser: str | None = None  # the format tool calls are read in; None: from the chat template
 
 
 class ServerState:
