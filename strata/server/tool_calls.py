@@ -251,7 +251,8 @@ class ToolCallStream:
         # Llama 3 JSON and Mistral calls are read from the whole output; plain text streams as it comes.
         if not self._content_sent:
             head = self.text.lstrip()
-            if not head or head[0] in "{[" or head.startswith(("<|python_tag|>", "[TOOL_CALLS]")):
+            markers = ("<|python_tag|>", "[TOOL_CALLS]")
+            if not head or head[0] in "{[" or any(head.startswith(m) or m.startswith(head) for m in markers):
                 if not final:
                     return []
                 self._content_sent = len(self.text)
