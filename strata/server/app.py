@@ -30,6 +30,8 @@ from strata.server.openapi import (
     ChatCompletion,
     Completion,
     DetokenizeResponse,
+    ResponseDeleted,
+    ResponseObject,
     TokenizeResponse,
     add_request_schemas,
     request_body,
@@ -39,8 +41,10 @@ from strata.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
+from strata.server.responses import Responses
 from strata.server.session_key import tenant_of
 from strata.server.sessions import session_router
 from strata.server.state import ServerSettings, ServerState
@@ -188,6 +192,26 @@ def build_app(settings: ServerSettings) -> FastAPI:
         body = await read_body(request, CompletionRequest, limit)
         return await guarded(request, timeout, completions(state, body, request.headers, request.state.tenant))
 
+    stored = Responses(state)
+
+    @app.post("/v1/responses", response_model=None, openapi_extra=request_body(ResponsesRequest),
+              responses=responses(ResponseObject, stream=True, timeout=True))
+    async def _create_response(request: Request) -> Response:
+        body = await read_body(request, ResponsesRequest, limit)
+        return await guarded(request, timeout, stored.create(body, request.headers, request.state.tenant))
+
+    @app.get("/v1/responses/{response_id}", response_model=None, responses=responses(ResponseObject))
+    async def _get_response(request: Request, response_id: str) -> Response:
+        return JSONResponse(await stored.retrieve(response_id, request.state.tenant))
+
+    @app.delete("/v1/responses/{response_id}", response_model=None, responses=responses(ResponseDeleted))
+    async def _delete_response(request: Request, response_id: str) -> Response:
+        return JSONResponse(await stored.delete(response_id, request.state.tenant))
+
+    @app.post("/v1/responses/{response_id}/cancel", response_model=None, responses=responses(ResponseObject))
+    async def _cancel_response(request: Request, response_id: str) -> Response:
+        return JSONResponse(await stored.cancel(response_id, request.state.tenant))
+
     def _model_card() -> dict[str, Any]:
         ae = state.ready_engine()
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "strata",
@@ -219,7 +243,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
         return await off_loop(_detokenized, body, state.ready_engine().engine.tokenizer)
 
     app.include_router(session_router(state))
-    add_request_schemas(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest])
+    add_request_schemas(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,
+                              ResponsesRequest])
 
     @app.get("/health")
     async def _health() -> Response:

@@ -46,7 +46,7 @@ def _fit_context(state: ServerState, tok: Tokenizer, messages: list[dict[str, An
 
 
 @dataclass
-class _Prepared:
+class PreparedChat:
     prompt: list[int]
     params: list[SamplingParams]
     truncation: tuple[int, int] | None
@@ -54,8 +54,8 @@ class _Prepared:
     tools: ToolPlan | None  # the tools the model may or must call
 
 
-def _prepare(state: ServerState, body: ChatCompletionRequest, tok: Tokenizer, limit: int,
-             grammars: GrammarCompiler) -> _Prepared:
+def prepare_chat(state: ServerState, body: ChatCompletionRequest, tok: Tokenizer, limit: int,
+                 grammars: GrammarCompiler) -> PreparedChat:
     """Template, tokens, context fitting, grammar and sampling parameters: CPU work, run off the event loop."""
     plan = tool_plan(body, tok.template_source, state.settings.tool_call_parser)
     messages, tools = template_messages(body.messages, plan, tok.template_takes_tools)
@@ -75,7 +75,7 @@ def _prepare(state: ServerState, body: ChatCompletionRequest, tok: Tokenizer, li
     if plan is not None and plan.mode == "auto" and plan.parser == "mistral":
         for p in params:
             p.skip_special_tokens = False  # [TOOL_CALLS] is a special token: the parser must see it
-    return _Prepared(prompt, params, fitted.truncation if fitted else None, fitted.dropped_tokens if fitted else 0,
+    return PreparedChat(prompt, params, fitted.truncation if fitted else None, fitted.dropped_tokens if fitted else 0,
                      plan)
 
 
@@ -95,7 +95,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     state.check_model(body.model)
     engine = state.ready_engine()
     tok = engine.engine.tokenizer
-    prep = await off_loop(_prepare, state, body, tok, engine.engine.context_limit, engine.engine.grammars)
+    prep = await off_loop(prepare_chat, state, body, tok, engine.engine.context_limit, engine.engine.grammars)
     prompt, params, truncation, dropped = prep.prompt, prep.params, prep.truncation, prep.dropped
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
     skip = skip_request(state, body.skip, headers)

@@ -73,10 +73,22 @@ class ChatLogprobs(BaseModel):
     refusal: None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the message is only tool calls
     refusal: None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -120,6 +132,36 @@ class Completion(BaseModel):
     system_fingerprint: str | None
 
 
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """/v1/responses: the main fields (docs/api.md lists them all)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: float
+    status: Literal["completed", "incomplete", "failed", "cancelled", "in_progress"]
+    model: str
+    output: list[dict[str, Any]]
+    previous_response_id: str | None
+    usage: ResponseUsage | None
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
@@ -133,7 +175,7 @@ class DetokenizeResponse(BaseModel):
 _ERRORS = {
     400: "invalid request (the OpenAI error body says which parameter)",
     401: "missing or wrong API key (with --api-key)",
-    404: "unknown model",
+    404: "unknown model, or (responses) unknown response id",
     413: "body larger than --max-body-bytes",
     415: "body not application/json",
     500: "a bug",
@@ -146,6 +188,10 @@ def responses(ok: type[BaseModel], stream: bool = False, timeout: bool = False) 
     success: dict[str, Any] = {"model": ok, "description": "the result"}
     if stream:
         success["description"] = "the result; with `stream: true`, server-sent events of chunks ending in [DONE]"
-        success["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        # Each event: `data` holds one chunk's JSON (or [DONE]); /v1/responses also names its `event`.
+        event = {"type": "object", "required": ["data"], "properties": {
+            "data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+            "retry": {"type": "integer"}}}
+        success["content"] = {"text/event-stream": {"schema": event}}
     errors = _ERRORS | ({504: "ran longer than --request-timeout"} if timeout else {})
     return {200: success} | {code: {"model": ErrorResponse, "description": d} for code, d in errors.items()}
