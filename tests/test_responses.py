@@ -129,7 +129,7 @@ def test_cancel_a_running_response(client, model_name, server):
         events.append(e)
         if e.type == "response.output_text.delta" and rid is None:
             rid = events[0].response.id
-            threading.Thread(target=lambda: client.responses.cancel(rid)).start()
+            threading.Thread(target=client.responses.cancel, args=(rid,)).start()
     assert events[-1].type == "response.incomplete" and events[-1].response.status == "cancelled"
     assert events[-1].response.usage.output_tokens < 2000
     assert client.responses.retrieve(rid).status == "cancelled"
