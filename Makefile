@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-dtype bench-gpu clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-dtype bench-cluster bench-gpu cluster services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,17 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(PY) -m strata serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) services
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=15 tests
+
+# What the scale-out tests and `make cluster` run: Debian's nginx (the router).
+services:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || sh deploy/install_services.sh
+
+# N strata servers behind the session-affine nginx router on one machine (ARGS: flags for every server).
+cluster: $(STAMP) services
+	$(PY) deploy/cluster.py --instances $(or $(N),3) -- $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
@@ -55,6 +63,9 @@ bench-soak: $(STAMP)
 # on first use, about 4 GB): writes docs/serving.md (not part of `make bench`). ARGS=--quick for a smoke run.
 bench-serving: $(STAMP)
 	$(PY) benchmarks/serving.py $(ARGS)
+
+bench-cluster: $(STAMP) services
+	$(PY) benchmarks/cluster.py $(ARGS)
 
 bench-dtype: $(STAMP)
 	$(PY) benchmarks/dtype_agreement.py $(ARGS)

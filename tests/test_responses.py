@@ -41,8 +41,9 @@ def test_basic_retrieve_delete(client, model_name):
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
-    short = client.responses.create(model=model_name, input="Tell me a long story.", max_output_tokens=5,
-                                    instructions="You are terse.", store=False)
+    short = client.responses.create(model=model_name, input="Tell me a long story about a dragon.",
+                                    max_output_tokens=5, instructions="You are a storyteller.", temperature=0,
+                                    store=False)
     assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
     with pytest.raises(openai.NotFoundError):  # store: false keeps nothing
         client.responses.retrieve(short.id)

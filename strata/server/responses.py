@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
 from strata.server.chat import PreparedChat, prepare_chat
-from strata.server.choices import admit, cache_headers, run_choices
+from strata.server.choices import admit, cache_headers, prepend, run_choices
 from strata.server.errors import APIError
 from strata.server.offload import off_loop
 from strata.server.protocol import (
@@ -138,10 +138,17 @@ class Responses:
         key = session_key(headers, tenant, f"resp_{root}", None)
         admit(engine)
         run = _Run(self, rid, body, tenant, root, messages, prep, time.time())
-        outputs = run_choices(engine, rid, [prep.prompt], prep.params, key, prep.truncation, None, tenant)
+        outputs = run.tracked(run_choices(engine, rid, [prep.prompt], prep.params, key, prep.truncation, None,
+                                          tenant))
         self._running[rid] = run
         if body.stream:
-            return EventStream(run.events(outputs), outputs, {})
+            # Wait for the first token: errors before it are plain HTTP errors (as chat's).
+            try:
+                first = await anext(outputs)
+            except BaseException:
+                await outputs.aclose()
+                raise
+            return EventStream(run.events(first, outputs), outputs, cache_headers(run.cached, run.tier))
         try:
             await run.consume(outputs)
             await outputs.aclose()
@@ -198,10 +205,23 @@ class _Run:
         self.cancelled = asyncio.Event()
         self.done = asyncio.Event()  # the final state is known (and stored)
         self.final: dict[str, Any] | None = None
+        self.read = False  # the outputs are being read (by consume or events), which end the run
 
     def ended(self) -> None:
         self.done.set()
         self.api._running.pop(self.rid, None)
+
+    async def tracked(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]
+                      ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """The engine outputs. Closed by a disconnect before the event stream started, they end the run;
+        otherwise whoever reads them ends it once the final state is stored."""
+        try:
+            async for item in outputs:
+                yield item
+        finally:
+            await outputs.aclose()
+            if not self.read:
+                self.ended()
 
     @property
     def plan(self) -> ToolPlan | None:
@@ -217,6 +237,7 @@ class _Run:
             self.finish_reason = out.finish_reason
 
     async def consume(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> None:
+        self.read = True
         async for _, out in outputs:
             self._take(out)
             if self.cancelled.is_set():
@@ -279,7 +300,8 @@ class _Run:
 
     # -- streaming ---------------------------------------------------------------------------------------
 
-    async def events(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    async def events(self, first: tuple[int, RequestOutput], outputs: AsyncGenerator[tuple[int, RequestOutput], None]
+                     ) -> AsyncIterator[str]:
         seq = 0
         output: list[dict[str, Any]] = []
         message: dict[str, Any] | None = None  # the open message item
@@ -338,12 +360,13 @@ class _Run:
                                      output_index=output.index(item), delta=piece))
             return evs
 
+        self.read = True
         stream = ToolCallStream(self.plan) if self.plan is not None else None
         try:
             yield event("response.created", response=self.response("in_progress", []))
             yield event("response.in_progress", response=self.response("in_progress", []))
             try:
-                async for _, out in outputs:
+                async for _, out in prepend(first, outputs):
                     self._take(out)
                     if self.error is not None:
                         break
