@@ -82,7 +82,7 @@ def one_turn(client: OpenAI, model: str, session: int, messages: list[dict], aff
 
 
 def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Path, kill: bool) -> RunResult:
-    cluster = Cluster(workdir / name, ["--kv-cache-gb", str(args.kv_cache_gb), "--dtype", args.dtype])
+    cluster = Cluster(workdir / name.replace(" ", "-"), ["--kv-cache-gb", str(args.kv_cache_gb), "--dtype", args.dtype])
     result = RunResult(name)
     try:
         log(f"{name}: starting {args.instances} servers and nginx")
@@ -93,7 +93,17 @@ def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Pa
         second_turn_done = threading.Barrier(len(texts) + 1) if kill else None
         lock = threading.Lock()
 
+        errors: list[BaseException] = []
+
         def session(s: int) -> None:
+            try:
+                talk(s)
+            except BaseException as e:  # a failed turn fails the run, after the other sessions end
+                errors.append(e)
+                if second_turn_done is not None:
+                    second_turn_done.abort()
+
+        def talk(s: int) -> None:
             messages: list[dict] = []
             for t, text in enumerate(texts[s]):
                 messages.append({"role": "user", "content": text})
@@ -118,6 +128,8 @@ def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Pa
             cluster.kill(dead)
         for th in threads:
             th.join()
+        if errors:
+            raise RuntimeError(f"{name}: {len(errors)} sessions failed") from errors[0]
         result.seconds = time.perf_counter() - t0
         log(f"{name}: {len(result.turns)} turns in {result.seconds:.0f} s")
     finally:
@@ -145,7 +157,8 @@ def write_doc(results: list[RunResult], args: argparse.Namespace, argv: list[str
             hit, ttft = summarize(after)
             lines.append(f"| {r.name}: the killed server's sessions, turns 3+ | {hit} | {ttft} | |")
     lines.append("| kill, with a shared KV tier | not built yet (`--remote-kv`) | | |")
-    lines += ["", f"Command: `python benchmarks/cluster.py {' '.join(argv)}`".rstrip() + " (`make bench-cluster`), "
+    command = " ".join(["python benchmarks/cluster.py", *argv])
+    lines += ["", f"Command: `{command}` (`make bench-cluster`), "
               f"run {datetime.date.today().isoformat()} on {cpu_name()} ({args.instances} servers and nginx on one "
               f"machine; {args.sessions} sessions x {args.turns} turns, concurrent; --dtype {args.dtype}, "
               f"--kv-cache-gb {args.kv_cache_gb} per server).",

@@ -122,8 +122,9 @@ class Cluster:
         conf = runtime / "nginx.conf"
         conf.write_text(local([i.port for i in self.instances], self.router_port, runtime))
         if self._nginx is None:
+            stderr = open(runtime / "stderr.log", "ab")  # noqa: SIM115 (the process owns it)
             self._nginx = subprocess.Popen([nginx_binary(), "-c", str(conf), "-e", str(runtime / "error.log"),
-                                            "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+                                            "-g", "daemon off;"], stderr=stderr)
             self._wait_router()
         else:
             subprocess.run([nginx_binary(), "-c", str(conf), "-e", str(runtime / "error.log"), "-s", "reload"],
@@ -138,7 +139,8 @@ class Cluster:
                 return
             except httpx.HTTPError:
                 time.sleep(0.2)
-        raise TimeoutError("nginx did not start")
+        runtime = self.workdir / "nginx"
+        raise TimeoutError(f"nginx did not start: {(runtime / 'stderr.log').read_text()[-1000:]}")
 
     def stop(self) -> None:
         if self._nginx is not None:
