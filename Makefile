@@ -26,9 +26,10 @@ test: $(STAMP) services
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=15 tests
 
-# What the scale-out tests and `make cluster` run: Debian's nginx (the router).
+# What the scale-out tests and `make cluster` run: Debian's nginx (the router) and redis-server (the shared tier).
 services:
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || sh deploy/install_services.sh
+	@(command -v nginx || test -x /usr/sbin/nginx) >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 \
+		|| sh deploy/install_services.sh
 
 # N strata servers behind the session-affine nginx router on one machine (ARGS: flags for every server).
 cluster: $(STAMP) services

@@ -40,6 +40,32 @@ def nginx_binary() -> str:
     raise FileNotFoundError("nginx is not installed: run `make services` (Debian's nginx package)")
 
 
+class RedisServer:
+    """Debian's redis-server on a loopback port, nothing persisted (the shared KV tier of the tests and of
+    `make cluster REMOTE=1`)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind",
+             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+            stdout=open(directory / "redis.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
 @dataclass
 class Instance:
     name: str

@@ -1,10 +1,14 @@
 #!/bin/sh
-# Debian's nginx (the session-affine router of `make cluster` and the scale-out tests).
+# Debian's nginx (the session-affine router of `make cluster`) and redis-server (the shared KV tier's
+# first backend), for the scale-out tests.
 set -eu
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends nginx >/dev/null
-# The package starts a system nginx on port 80; the router runs its own, so stop that one if it runs.
-if command -v service >/dev/null 2>&1; then $SUDO service nginx stop >/dev/null 2>&1 || true; fi
+$SUDO apt-get install -y -qq --no-install-recommends nginx redis-server >/dev/null
+# The packages may start system instances (port 80, 6379); the tests run their own, so stop those.
+if command -v service >/dev/null 2>&1; then
+    $SUDO service nginx stop >/dev/null 2>&1 || true
+    $SUDO service redis-server stop >/dev/null 2>&1 || true
+fi

@@ -37,6 +37,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssd-dir", default=None,
                    help="directory of the SSD tier (chunk files that survive restarts); unset: no SSD tier")
     p.add_argument("--ssd-kv-gb", type=float, default=8.0, help="disk budget of the SSD tier, in GiB")
+    p.add_argument("--remote-kv", default=None, metavar="URL",
+                   help="a KV tier shared by several servers (redis://HOST:PORT/DB): chunks the SSD tier writes "
+                        "go there too, and a session this server lacks is fetched from it (needs --ssd-dir)")
     p.add_argument("--eviction-policy", choices=["scheduler", "lru"], default="scheduler",
                    help="scheduler: prefetch and protect the sessions of queued requests; lru: plain LRU")
     p.add_argument("--session-ttl", type=float, default=3600.0,
@@ -74,6 +77,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
+    if args.remote_kv and not args.ssd_dir:
+        raise SystemExit("strata serve: --remote-kv needs --ssd-dir (the shared tier rides on the SSD tier)")
     from strata.engine.config import EngineConfig
     from strata.server.app import build_app
     from strata.server.http_server import run_http
@@ -85,7 +90,8 @@ def serve(args: argparse.Namespace) -> None:
             kv_cache_gb=args.kv_cache_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, session_cache=not args.no_session_cache, dram_kv_gb=args.dram_kv_gb,
-            ssd_dir=args.ssd_dir, ssd_kv_gb=args.ssd_kv_gb, eviction_policy=args.eviction_policy,
+            ssd_dir=args.ssd_dir, ssd_kv_gb=args.ssd_kv_gb, remote_kv=args.remote_kv,
+            eviction_policy=args.eviction_policy,
             session_ttl_s=args.session_ttl, skip_policy=args.skip_policy, skip_sublayers=args.skip_sublayers,
             skip_mode=args.skip_mode,
         ),

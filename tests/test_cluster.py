@@ -1,8 +1,9 @@
 """Scale-out through the real router: real nginx (deploy/nginx/router.conf.template) hashing X-Session-ID
-over real strata servers on loopback, each with its own SSD tier. Sessions stick to one server and reuse
-their KV; growing from 2 to 3 servers moves sessions only onto the new one; a server killed with -9 has its
-sessions answered by the others (nginx retries once), and restarted it serves them again from its SSD tier.
-Outputs that were not served from a session's own KV equal those of a server with sessions off."""
+over real strata servers on loopback, each with its own SSD tier, sharing a real redis-server as the shared
+KV tier. Sessions stick to one server and reuse their KV; growing from 2 to 3 servers moves sessions only
+onto the new one, where they hit the shared tier; a server killed with -9 has its sessions answered by the
+others (nginx retries once) from the shared tier, and restarted it serves them again from its SSD tier.
+Outputs served after a move equal those of a server with sessions off."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
 from tests.conftest import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
-from cluster import Cluster  # noqa: E402
+from cluster import Cluster, Instance, RedisServer  # noqa: E402
 
 SESSIONS = [f"user-{i}" for i in range(12)]
 QUESTIONS = ["Name a color.", "Name an animal.", "Name a city.", "Name a fruit.", "Name a planet.",
@@ -56,9 +58,29 @@ class Conversations:
                 raw.headers["x-cache-tier"])
 
 
+def _metric(inst: Instance, name: str) -> float:
+    for line in httpx.get(inst.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def _uploaded(instances: list[Instance], timeout: float = 15.0) -> None:
+    """Wait until every live server's saves and uploads to the shared tier are done."""
+    deadline = time.monotonic() + timeout
+    for inst in instances:
+        if inst.proc is None or inst.proc.poll() is not None:
+            continue
+        while _metric(inst, "strata_kv_remote_upload_queue") or _metric(inst, "strata_kv_save_queue_bytes"):
+            assert time.monotonic() < deadline, "uploads to the shared tier did not drain"
+            time.sleep(0.1)
+    time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_affinity_scale_out_kill_and_restart(tmp_path: Path):
-    cluster = Cluster(tmp_path / "cluster", ["--dtype", "float32", "--kv-cache-gb", "0.1"])
+    store = RedisServer(tmp_path / "redis")
+    cluster = Cluster(tmp_path / "cluster", ["--dtype", "float32", "--kv-cache-gb", "0.1", "--remote-kv", store.url])
     reference = ServerProcess("--kv-cache-gb", "0.1", "--no-session-cache", log=tmp_path / "reference.log")
     try:
         cluster.add(2)
@@ -72,27 +94,32 @@ def test_affinity_scale_out_kill_and_restart(tmp_path: Path):
             assert upstream == home[s] and cached > 0, s
         assert len(set(home.values())) == 2  # both servers hold sessions
 
-        # 2 -> 3 servers: a session either stays (and still hits) or moves to the new server.
+        # 2 -> 3 servers: a session either stays (and still hits) or moves to the new server, where its
+        # history comes from the shared tier.
+        _uploaded(cluster.instances)
         (new,) = cluster.add(1)
         new_addr = f"127.0.0.1:{new.port}"
         for s in SESSIONS:
             moved = home[s]
-            upstream, cached, _ = talk.turn(s)
+            upstream, cached, tier = talk.turn(s)
             if upstream != moved:
                 assert upstream == new_addr, (s, moved, upstream)
+                assert tier == "remote" and cached > 0, (s, tier, cached)
                 talk.check_last(s)
                 home[s] = upstream
             else:
                 assert cached > 0, s
 
-        # kill -9 one of the first servers: its sessions are answered by the others, as a recomputation.
+        # kill -9 one of the first servers: its sessions are answered by the others from the shared tier.
         dead = cluster.instances[0]
         dead_addr = f"127.0.0.1:{dead.port}"
         victims = [s for s in SESSIONS if home[s] == dead_addr]
+        _uploaded(cluster.instances)
         cluster.kill(dead)
         for s in victims:
-            upstream, _, _ = talk.turn(s, check_reference=True)
+            upstream, cached, tier = talk.turn(s, check_reference=True)
             assert upstream.split(", ")[-1] != dead_addr, s  # nginx's retry names the dead one first
+            assert tier == "remote" and cached > 0, (s, tier, cached)
 
         # Restarted (same address, same SSD directory), it takes its sessions back and serves them from SSD.
         cluster.restart(dead)
@@ -103,4 +130,5 @@ def test_affinity_scale_out_kill_and_restart(tmp_path: Path):
     finally:
         cluster.stop()
         reference.stop()
+        store.stop()
 

@@ -26,6 +26,8 @@ class EngineConfig:
     session_ttl_s: float = 3600.0
     kv_chunk_tokens: int = 256
     kv_load_timeout_s: float = 10.0  # a history layer that takes longer is recomputed instead (counted)
+    remote_kv: str | None = None  # the shared KV tier (redis://HOST:PORT/DB); needs ssd_dir
+    remote_kv_timeout_s: float = 0.5  # per call to it: slower counts as down (recompute)
     # AdaSkip: the policy for every request, and the default of requests that do not ask (0 = no skipping).
     skip_policy: str = "adaskip"  # or early-exit, skipdecode, unified (baselines, need no profile)
     skip_sublayers: int = 0

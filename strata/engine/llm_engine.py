@@ -26,6 +26,7 @@ from strata.engine.weights.model_files import ModelFiles, resolve_model
 from strata.kernels.device import default_device, fast_dtype, resolve_device
 from strata.storage.block_pool import BlockPool
 from strata.storage.kv_store import KVStore
+from strata.storage.remote_tier import open_backend
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class LLMEngine:
             ttl_s=config.session_ttl_s,
             chunk_tokens=config.kv_chunk_tokens,
             rope_inv_freq=self.model.inv_freq,
+            remote=open_backend(config.remote_kv, config.remote_kv_timeout_s) if config.remote_kv else None,
         )
 
     def close(self, timeout: float = 30.0) -> None:
@@ -153,6 +155,17 @@ class LLMEngine:
             info["tier"] = "hbm"
         info["tokens"] = max(info["tokens"], hbm)
         return info
+
+    @property
+    def has_remote_tier(self) -> bool:
+        return self.store is not None and self.store.remote is not None
+
+    def import_remote_session(self, key: str, prompt_ids: list[int]) -> int:
+        """Before a session's request is scheduled on a server that does not hold it: fetch its KV from the
+        shared tier (any thread; bounded by the remote's timeouts). Tokens imported, 0 if none."""
+        if self.store is None:
+            return 0
+        return self.store.import_remote(key, prompt_ids)
 
     def delete_session(self, key: str) -> bool:
         dropped = self.kv.cache.drop(key)

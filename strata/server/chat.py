@@ -15,7 +15,15 @@ from strata.engine.grammar import Grammar, GrammarCompiler
 from strata.engine.request import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import ChatTemplateError, Tokenizer
-from strata.server.choices import admit, cache_headers, gather_choices, prepend, run_choices, usage
+from strata.server.choices import (
+    admit,
+    cache_headers,
+    fetch_shared_history,
+    gather_choices,
+    prepend,
+    run_choices,
+    usage,
+)
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import chat_logprobs
 from strata.server.offload import off_loop
@@ -102,6 +110,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     prompts = [prompt] * body.n
+    await fetch_shared_history(engine, key, prompt)
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

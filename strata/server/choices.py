@@ -12,6 +12,7 @@ from strata.engine.llm_engine import RequestRejected
 from strata.engine.request import Request, RequestOutput, SkipReport, SkipRequest, TokenLogprob
 from strata.engine.sampling_params import SamplingParams
 from strata.server.errors import APIError, bad_request
+from strata.server.offload import off_loop
 
 
 @dataclass
@@ -58,6 +59,14 @@ def engine_error(e: Exception) -> APIError:
         return APIError(503, str(e), type="server_error", code="engine_unavailable",
                         headers={"Retry-After": "5"})
     raise e
+
+
+async def fetch_shared_history(engine: AsyncEngine, key: str | None, prompt: list[int]) -> None:
+    """A session this server does not hold may be in the shared KV tier (--remote-kv, another server served
+    it before): bring it in before the request is scheduled. Off the event loop; a remote that is down or
+    slow costs only its timeout once (then it is left alone a while) and the history is recomputed."""
+    if key and engine.engine.has_remote_tier:
+        await off_loop(engine.engine.import_remote_session, key, prompt)
 
 
 def admit(engine: AsyncEngine) -> None:

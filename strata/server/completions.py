@@ -14,7 +14,15 @@ from strata.engine.grammar import GrammarCompiler
 from strata.engine.request import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import Tokenizer
-from strata.server.choices import admit, cache_headers, gather_choices, prepend, run_choices, usage
+from strata.server.choices import (
+    admit,
+    cache_headers,
+    fetch_shared_history,
+    gather_choices,
+    prepend,
+    run_choices,
+    usage,
+)
 from strata.server.errors import APIError, bad_request
 from strata.server.logprobs import completion_logprobs
 from strata.server.offload import off_loop
@@ -88,6 +96,7 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)
+    await fetch_shared_history(engine, key, all_prompts[0])
     admit(engine)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -70,7 +70,7 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
     hits = CounterMetricFamily("strata_kv_hits", "Requests whose history was reused, by tier", labels=["tier"])
     tokens = CounterMetricFamily("strata_kv_tokens_reused", "Prompt tokens reused instead of computed, by tier",
                                  labels=["tier"])
-    for tier in ("hbm", "dram", "ssd"):
+    for tier in ("hbm", "dram", "ssd", "remote"):
         hits.add_metric([tier], snap.kv_hits.get(tier, 0))
         tokens.add_metric([tier], snap.kv_tokens_reused.get(tier, 0))
     yield hits
@@ -85,6 +85,7 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
     evicted.add_metric(["hbm"], snap.hbm_evictions)
     occupancy.add_metric(["hbm"], snap.blocks_cached * snap.block_bytes)
     capacity.add_metric(["hbm"], snap.blocks_total * snap.block_bytes)
+    saved.add_metric(["remote"], st.get("bytes_saved_remote", 0.0))
     for tier in ("dram", "ssd"):
         loaded.add_metric([tier], st.get(f"bytes_loaded_{tier}", 0.0))
         saved.add_metric([tier], st.get(f"bytes_saved_{tier}", 0.0))
@@ -119,6 +120,16 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
                             value=st.get("save_queue_bytes", 0.0))
     yield GaugeMetricFamily("strata_kv_sessions", "Sessions stored in the DRAM/SSD tiers",
                             value=st.get("sessions", 0.0))
+    remote = CounterMetricFamily("strata_kv_remote", "The shared KV tier (--remote-kv): chunks uploaded, uploads "
+                                 "dropped (queue full or remote down), sessions imported, tokens imported, calls "
+                                 "skipped while it was down, errors", labels=["event"])
+    for event, key in (("uploads", "remote_uploads"), ("uploads_dropped", "remote_uploads_dropped"),
+                       ("imports", "remote_imports"), ("tokens_imported", "tokens_imported_remote"),
+                       ("skipped_down", "remote_skipped_down"), ("errors", "remote_errors")):
+        remote.add_metric([event], st.get(key, 0.0))
+    yield remote
+    yield GaugeMetricFamily("strata_kv_remote_upload_queue", "Chunks waiting to be uploaded to the shared tier",
+                            value=st.get("remote_upload_queue", 0.0))
 
 
 def _skip_metrics(snap: EngineSnapshot) -> Iterator[Metric]:

@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
 from strata.server.chat import PreparedChat, prepare_chat
-from strata.server.choices import admit, cache_headers, prepend, run_choices
+from strata.server.choices import admit, cache_headers, fetch_shared_history, prepend, run_choices
 from strata.server.errors import APIError
 from strata.server.offload import off_loop
 from strata.server.protocol import (
@@ -136,6 +136,7 @@ class Responses:
                                             engine.engine.context_limit, engine.engine.grammars)
         # The chain's first response names the session, unless the client names one itself.
         key = session_key(headers, tenant, f"resp_{root}", None)
+        await fetch_shared_history(engine, key, prep.prompt)
         admit(engine)
         run = _Run(self, rid, body, tenant, root, messages, prep, time.time())
         outputs = run.tracked(run_choices(engine, rid, [prep.prompt], prep.params, key, prep.truncation, None,

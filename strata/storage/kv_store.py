@@ -103,6 +103,7 @@ from strata.storage.dram_tier import DramTier
 from strata.storage.kv_loader import KVLoader
 from strata.storage.kv_saver import KVSaver
 from strata.storage.load_handle import KVLoadError, LoadHandle
+from strata.storage.remote_tier import RemoteBackend, RemoteTier
 from strata.storage.session_index import Hit, SessionIndex
 from strata.storage.ssd_tier import SsdTier
 from strata.storage.truncation import Truncator
@@ -116,7 +117,7 @@ class KVStore:
     def __init__(self, pool: BlockPool, *, model_fingerprint: str, dram_bytes: int, ssd_dir: Path | None,
                  ssd_bytes: int, policy: str = "scheduler", ttl_s: float = 3600.0, chunk_tokens: int = 256,
                  rope_inv_freq: torch.Tensor | None = None, readahead_layers: int | None = None,
-                 save_queue_bytes: int = 256 << 20) -> None:
+                 save_queue_bytes: int = 256 << 20, remote: RemoteBackend | None = None) -> None:
         _, _, _, heads, dim = pool.kv.shape
         layers = pool.num_layers
         self.pool = pool
@@ -142,6 +143,11 @@ class KVStore:
         self.saver = KVSaver(self.index, self.dram, self.ssd, pool, streams, save_queue_bytes)
         self.truncator = (Truncator(self.index, self.dram, self.ssd, self.layout, rope_inv_freq)
                           if rope_inv_freq is not None else None)
+        # The shared tier rides on the SSD tier: what it writes is uploaded, what it lacks is imported.
+        self.remote = (RemoteTier(remote, self.index, model_fingerprint, ttl_s)
+                       if remote is not None and self.ssd_dir is not None else None)
+        if self.remote is not None:
+            self.ssd.on_written = self.remote.upload
         self._closed = False
 
     # ------------------------------------------------------------------ scheduler side
@@ -164,7 +170,17 @@ class KVStore:
         self.index.pin(session_key, seconds)
 
     def delete(self, session_key: str) -> bool:
+        if self.remote is not None:
+            self.remote.forget(session_key)
         return self.index.delete(session_key)
+
+    def import_remote(self, session_key: str, prompt_ids: list[int]) -> int:
+        """A session this server does not hold: bring its KV from the shared tier into the SSD tier (tokens
+        imported, 0 if none). Any thread may call it (it takes the index lock); bounded by the remote's
+        timeouts, and free when there is no shared tier."""
+        if self.remote is None or self._closed:
+            return 0
+        return self.remote.import_session(self.ssd, session_key, prompt_ids)
 
     def info(self, session_key: str) -> dict[str, Any] | None:
         return self.index.info(session_key)
@@ -176,6 +192,8 @@ class KVStore:
         out = self.index.stats()
         with self.index.lock:
             out["save_queue_bytes"] = float(self.saver.queued_bytes)
+        if self.remote is not None:
+            out["remote_upload_queue"] = float(self.remote.pending())
         return out
 
     # ------------------------------------------------------------------ worker side
@@ -240,7 +258,9 @@ class KVStore:
             log.warning("KV store closed after %s s with saves or write-backs still pending", timeout)
         self._closed = True
         self.loader.cancel_all()
-        for thread in (self.saver.thread, self.ssd.io, self.loader.thread):
+        threads = [self.saver.thread, self.ssd.io, self.loader.thread]
+        threads += [self.remote.uploader] if self.remote is not None else []
+        for thread in threads:
             thread.stop(10.0 if deadline is None else _left(deadline))
 
     def _check_open(self) -> None:

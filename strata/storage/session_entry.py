@@ -62,6 +62,7 @@ class SessionEntry:
     last_used: float = 0.0
     pending_saves: int = 0
     active_loads: int = 0
+    from_remote: bool = False  # imported from the shared tier and not looked up since: its hit says "remote"
 
     def dram_bytes(self) -> int:
         return sum(c.dram_bytes for c in self.chunks)

@@ -78,7 +78,8 @@ class SessionIndex:
                 self.counters["lookups_miss"] += 1
                 return Hit(0, None), diverges
             on_disk = any(c.dram is None for c in entry.chunks_for(lcp))
-            tier = "ssd" if on_disk else "dram"
+            tier = "remote" if entry.from_remote else "ssd" if on_disk else "dram"
+            entry.from_remote = False
             entry.last_used = now
             self.counters[f"lookups_hit_{tier}"] += 1
             return Hit(lcp, tier), diverges
