@@ -5,13 +5,15 @@ Run: `make bench-cluster` or `python benchmarks/cluster.py [--instances 3] [--se
 N strata servers (small device pools, their own SSD tiers) behind the real nginx router of deploy/ (`make
 cluster`'s setup). S chat sessions of T turns (a 300-400 token document passage, then short questions;
 greedy answers of at most 24 tokens; the sessions run concurrently, each sending its next turn when the
-last one ended) go through the router in three runs, each against fresh servers:
+last one ended) go through the router in four runs, each against fresh servers:
 
 * affinity: every request carries X-Session-ID, hashed consistently to one server;
 * no affinity: the session goes as `prompt_cache_key` in the body, which nginx cannot see: each turn lands
   on any server, and reuses the session's KV only where it lands on the server that served the last turn;
 * kill: affinity, and one server is killed (-9) after every session's second turn and not restarted; its
-  sessions' later turns go to the others.
+  sessions' later turns go to the others;
+* kill, with the shared tier: the same with `--remote-kv` (a redis-server on loopback): the others import
+  the killed server's sessions from it instead of recomputing them.
 
 Per run: the hit rate of turns 2+ (cached_tokens > 0), their median TTFT (client-side, streamed), and the
 same for the sessions whose server was killed. Writes the section "## Measured (make bench-cluster)" of
@@ -36,7 +38,7 @@ from openai import OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "deploy"))
-from cluster import Cluster  # noqa: E402
+from cluster import Cluster, RedisServer  # noqa: E402
 
 DOC = REPO / "docs" / "deploy.md"
 SECTION = "## Measured (make bench-cluster)"
@@ -81,8 +83,11 @@ def one_turn(client: OpenAI, model: str, session: int, messages: list[dict], aff
     return "".join(parts), Turn(session, len(messages) // 2, ttft or time.perf_counter() - t0, cached, upstream)
 
 
-def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Path, kill: bool) -> RunResult:
-    cluster = Cluster(workdir / name.replace(" ", "-"), ["--kv-cache-gb", str(args.kv_cache_gb), "--dtype", args.dtype])
+def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Path, kill: bool,
+        shared: bool) -> RunResult:
+    store = RedisServer(workdir / f"{name.replace(' ', '-')}-redis") if shared else None
+    flags = ["--kv-cache-gb", str(args.kv_cache_gb), "--dtype", args.dtype]
+    cluster = Cluster(workdir / name.replace(" ", "-"), flags + (["--remote-kv", store.url] if store else []))
     result = RunResult(name)
     try:
         log(f"{name}: starting {args.instances} servers and nginx")
@@ -134,6 +139,8 @@ def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Pa
         log(f"{name}: {len(result.turns)} turns in {result.seconds:.0f} s")
     finally:
         cluster.stop()
+        if store is not None:
+            store.stop()
     return result
 
 
@@ -156,15 +163,15 @@ def write_doc(results: list[RunResult], args: argparse.Namespace, argv: list[str
             after = [t for t in r.turns if t.session in r.victims and t.turn >= 2]
             hit, ttft = summarize(after)
             lines.append(f"| {r.name}: the killed server's sessions, turns 3+ | {hit} | {ttft} | |")
-    lines.append("| kill, with a shared KV tier | not built yet (`--remote-kv`) | | |")
     command = " ".join(["python benchmarks/cluster.py", *argv])
     lines += ["", f"Command: `{command}` (`make bench-cluster`), "
               f"run {datetime.date.today().isoformat()} on {cpu_name()} ({args.instances} servers and nginx on one "
               f"machine; {args.sessions} sessions x {args.turns} turns, concurrent; --dtype {args.dtype}, "
               f"--kv-cache-gb {args.kv_cache_gb} per server).",
               "Without affinity a turn reuses its session's KV only when it lands where the last one was "
-              "served; after a kill, the killed server's sessions recompute their whole history once on "
-              "the server the ring gives them next, then hit there.", ""]
+              "served. After a kill without a shared tier, the killed server's sessions recompute their whole "
+              "history once on the server the ring gives them next, then hit there; with the shared tier "
+              "(`--remote-kv`, a local redis-server) that next server imports their KV instead.", ""]
     text = DOC.read_text()
     section = "\n".join(lines)
     if SECTION in text:
@@ -188,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = conversations(args.sessions, args.turns, (300, 400), (20, 60))
     results = []
     with tempfile.TemporaryDirectory(prefix="strata-bench-cluster-") as tmp:
-        for name, kill in (("affinity", False), ("no affinity", False), ("kill", True)):
-            results.append(run(name, args, texts, Path(tmp), kill))
+        for name, kill, shared in (("affinity", False, False), ("no affinity", False, False),
+                                   ("kill", True, False), ("kill, with the shared tier", True, True)):
+            results.append(run(name, args, texts, Path(tmp), kill, shared))
     for r in results:
         log(f"{r.name}: turns 2+ reused KV {summarize(r.turns)[0]}, median TTFT {summarize(r.turns)[1]}")
     write_doc(results, args, shown)

@@ -30,6 +30,7 @@ Interface (all methods are called from the engine thread; they never block on I/
     store.tokens(key, timeout=10.0) -> list[int]         # stored ids, after pending saves
     store.pin(key, seconds); store.delete(key) -> bool; store.info(key) -> dict | None
     store.sessions() -> list[str]; store.stats() -> dict[str, float]
+    store.import_remote(key, prompt_ids) -> int          # any thread: a session from the shared tier (remote=)
     store.flush(timeout=None) -> bool; store.close(timeout=30.0)
 
 Semantics the engine relies on:
@@ -78,7 +79,9 @@ Semantics the engine relies on:
 ``prefetches_issued``, ``prefetches_used`` (chunks), ``corrupt_chunks_discarded``,
 ``chunks_discarded_<reason>`` (checksum, fingerprint, truncated, format, stale, io),
 ``temp_files_removed``, ``saves_dropped``, ``saves_dropped_queue_full``, ``save_queue_bytes``,
-``load_errors``.
+``load_errors``; with a shared tier ``lookups_hit_remote``, ``remote_uploads``, ``remote_uploads_dropped``,
+``bytes_saved_remote``, ``remote_fetches``, ``remote_imports``, ``tokens_imported_remote``,
+``remote_skipped_down``, ``remote_errors``, ``remote_chunks_discarded_<reason>``, ``remote_upload_queue``.
 
 On a GPU (the pool's device is CUDA) the DRAM tier is pinned host memory, loads run on a CUDA stream
 with one event per layer (``wait_layer`` makes the caller's stream wait on it, the host does not block
