@@ -71,7 +71,7 @@ def _uploaded(instances: list[Instance], timeout: float = 15.0) -> None:
     for inst in instances:
         if inst.proc is None or inst.proc.poll() is not None:
             continue
-        while _metric(inst, "strata_kv_remote_upload_queue") or _metric(inst, "strata_kv_save_queue_bytes"):
+        while any(_metric(inst, f"strata_kv_{q}") for q in ("save_queue_bytes", "ssd_io_queue", "remote_upload_queue")):
             assert time.monotonic() < deadline, "uploads to the shared tier did not drain"
             time.sleep(0.1)
     time.sleep(0.5)

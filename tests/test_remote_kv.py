@@ -36,7 +36,7 @@ def _turn(client: OpenAI, msgs: list[dict], session: str) -> tuple[str, int, str
 
 def _uploaded(srv: ServerProcess, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while srv.metric("strata_kv_remote_upload_queue") or srv.metric("strata_kv_save_queue_bytes"):
+    while any(srv.metric(f"strata_kv_{q}") for q in ("save_queue_bytes", "ssd_io_queue", "remote_upload_queue")):
         assert time.monotonic() < deadline, "uploads to the shared tier did not drain"
         time.sleep(0.1)
     time.sleep(0.3)

@@ -118,6 +118,8 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
                               value=st.get("saves_dropped_queue_full", 0.0))
     yield GaugeMetricFamily("strata_kv_save_queue_bytes", "Bytes of KV copies waiting to be saved",
                             value=st.get("save_queue_bytes", 0.0))
+    yield GaugeMetricFamily("strata_kv_ssd_io_queue", "Jobs (write-backs, prefetches) waiting for the SSD I/O thread",
+                            value=st.get("ssd_io_queue", 0.0))
     yield GaugeMetricFamily("strata_kv_sessions", "Sessions stored in the DRAM/SSD tiers",
                             value=st.get("sessions", 0.0))
     remote = CounterMetricFamily("strata_kv_remote", "The shared KV tier (--remote-kv): chunks uploaded, uploads "

@@ -35,6 +35,12 @@ class JobThread:
             self._pending += 1
         self._jobs.put(job)
 
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        with self._cond:
+            return self._pending
+
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the queue is drained; False if ``timeout`` seconds passed first."""
         with self._cond:

@@ -79,7 +79,8 @@ Semantics the engine relies on:
 ``prefetches_issued``, ``prefetches_used`` (chunks), ``corrupt_chunks_discarded``,
 ``chunks_discarded_<reason>`` (checksum, fingerprint, truncated, format, stale, io),
 ``temp_files_removed``, ``saves_dropped``, ``saves_dropped_queue_full``, ``save_queue_bytes``,
-``load_errors``; with a shared tier ``lookups_hit_remote``, ``remote_uploads``, ``remote_uploads_dropped``,
+``load_errors``, ``ssd_io_queue`` (write-backs, prefetches and upkeep queued on the I/O thread); with a
+shared tier ``lookups_hit_remote``, ``remote_uploads``, ``remote_uploads_dropped``,
 ``bytes_saved_remote``, ``remote_fetches``, ``remote_imports``, ``tokens_imported_remote``,
 ``remote_skipped_down``, ``remote_errors``, ``remote_chunks_discarded_<reason>``, ``remote_upload_queue``.
 
@@ -195,6 +196,7 @@ class KVStore:
         out = self.index.stats()
         with self.index.lock:
             out["save_queue_bytes"] = float(self.saver.queued_bytes)
+        out["ssd_io_queue"] = float(self.ssd.io.pending)
         if self.remote is not None:
             out["remote_upload_queue"] = float(self.remote.pending())
         return out
