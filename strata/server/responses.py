@@ -149,7 +149,8 @@ class Responses:
             except BaseException:
                 await outputs.aclose()
                 raise
-            return EventStream(run.events(first, outputs), outputs, cache_headers(run.cached, run.tier))
+            return EventStream(run.events(first, outputs), outputs,
+                               cache_headers(first[1].num_cached_tokens, first[1].cache_tier))
         try:
             await run.consume(outputs)
             await outputs.aclose()
