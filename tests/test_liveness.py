@@ -33,6 +33,7 @@ def _cut_after(port: int, path: str, body: dict, seconds: float, after_first: bo
     s.settimeout(0.02)
     got = b""
     deadline = time.monotonic() + (30 if after_first else seconds)
+    first_event = False
     try:
         while time.monotonic() < deadline:
             try:
@@ -41,9 +42,11 @@ def _cut_after(port: int, path: str, body: dict, seconds: float, after_first: bo
                 continue
             if not chunk:
                 break
-            if after_first and not got and b"data: " in chunk:
-                deadline = time.monotonic() + seconds
             got += chunk
+            # The response's headers usually come in a read of their own: look at everything so far.
+            if after_first and not first_event and b"data: " in got:
+                first_event = True
+                deadline = time.monotonic() + seconds
     finally:
         s.close()
     return got, time.monotonic()
