@@ -61,6 +61,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and KV cache dtype; auto: bfloat16 on GPUs and on CPUs with AVX-512 BF16 or AMX, "
                         "float32 on other CPUs (logged)")
+    p.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
+                   help="linear weights in blocks of 32: int8, or int4 with the LM head in int8 (activations are "
+                        "quantized per block on the fly); a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K blocks are served as "
+                        "stored; none: the dtype above")
     p.add_argument("--device", default=os.environ.get("STRATA_DEVICE", "cpu"),
                    help="where the model and the KV cache live: cpu, cuda or cuda:N (env STRATA_DEVICE)")
     p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
@@ -86,7 +90,8 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = ServerSettings(
         engine=EngineConfig(
-            model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+            model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
+            max_model_len=args.max_model_len,
             kv_cache_gb=args.kv_cache_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, session_cache=not args.no_session_cache, dram_kv_gb=args.dram_kv_gb,

@@ -77,7 +77,7 @@ def test_cpu_kernel_is_built_and_checks_its_indices():
                                            (tables, lens + 1000, torch.arange(2)),
                                            (tables, lens, torch.tensor([0, 5]))):
         with pytest.raises(RuntimeError):
-            torch.ops.strata_cpu.paged_attention(out, q, k, v, bad_tables, bad_rows, bad_lens, 0.125)
+            cpu_ext.extension().paged_attention(out, q, k, v, bad_tables, bad_rows, bad_lens, 0.125)
 
 
 def test_decode_reference_matches_dense_attention():

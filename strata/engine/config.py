@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class EngineConfig:
     model: str = "default"
     dtype: str = "auto"  # or float32, bfloat16, float16; auto: bfloat16 where the hardware has it (kernels.device)
+    quantization: str = "none"  # or int8, int4: linear weights in blocks (strata.engine.weights.quantization)
     device: str | None = None  # "cpu", "cuda", "cuda:N"; None: STRATA_DEVICE, else cpu
     max_model_len: int | None = None  # default: the model's context length
     kv_cache_gb: float = 1.0

@@ -48,7 +48,7 @@ class LLMEngine:
             log.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), why)
         else:
             dtype = DTYPES[config.dtype]
-        self.model = LlamaModel.load(self.files.directory, dtype, device)
+        self.model = LlamaModel.load(self.files.directory, dtype, device, config.quantization, self.files.gguf)
         self.tokenizer = Tokenizer(self.files.directory)
         cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
@@ -76,13 +76,20 @@ class LLMEngine:
                  self.files.name, time.monotonic() - t0, cfg.num_hidden_layers, self.pool.num_blocks,
                  config.block_size, self.pool.num_blocks * per_block / 2**30)
 
+    @property
+    def kv_fingerprint(self) -> str:
+        """What stored KV was computed with: quantized weights make another model's KV, never served across a
+        restart that changes --quantization (the default keeps the weights' own fingerprint)."""
+        q = self.config.quantization
+        return self.files.fingerprint if q == "none" else f"{self.files.fingerprint}:{q}"
+
     def _open_store(self, config: EngineConfig) -> KVStore:
         ssd = Path(config.ssd_dir) if config.ssd_dir else None
         if ssd is not None:
             ssd.mkdir(parents=True, exist_ok=True)
         return KVStore(
             self.pool,
-            model_fingerprint=self.files.fingerprint,
+            model_fingerprint=self.kv_fingerprint,
             dram_bytes=int(config.dram_kv_gb * 2**30),
             ssd_dir=ssd,
             ssd_bytes=int(config.ssd_kv_gb * 2**30),

@@ -45,7 +45,7 @@ def build_name() -> str:
     return f"strata_kernels_{h.hexdigest()[:12]}"
 
 
-def _import(path: Path, name: str) -> ModuleType:
+def import_file(path: Path, name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")
@@ -63,7 +63,7 @@ def build(verbose: bool = False) -> ModuleType:
     built = directory / f"{name}.so"
     if built.exists():
         log.info("CUDA kernels: loading %s", built)
-        return _import(built, name)
+        return import_file(built, name)
     directory.mkdir(parents=True, exist_ok=True)
     log.info("CUDA kernels: compiling %s into %s (first use; takes a few minutes)", name, directory)
     t0 = time.monotonic()

@@ -1,8 +1,9 @@
 """One function per op: a compiled kernel where one supports the inputs, the PyTorch reference otherwise.
 
 On a GPU the CUDA extension runs where it supports the inputs (dtype, head size, alignment); on CPU the
-C++ kernels (strata.kernels.cpu_ext) run decode attention. Anything else, or a machine where a kernel
-could not be built, runs the reference: slower, never wrong.
+C++ kernels (strata.kernels.cpu_ext) run decode attention, the block-quantized linear layers and the fused
+element-wise steps of a layer. Anything else, or a machine where a kernel could not be built, runs the
+reference: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -11,18 +12,27 @@ import logging
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
-from strata.kernels import cpu_ext, kv_copy, paged_attention, prefill_gpu
+from strata.kernels import cpu_ext, kv_copy, layer_steps, paged_attention, prefill_gpu, quantized
 from strata.kernels.cuda_ext import extension
+from strata.kernels.quantized import PackedWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+QUANTIZED_KERNEL_MAX_ROWS = 64
+_NO_ROWS = torch.zeros(0, dtype=torch.long)  # the CPU attention kernel's row_seq: query row i reads table row i
 DECODE_HEAD_DIMS = (64, 128, 256)  # instantiated in csrc/paged_attention.cu
 
 
 def _ext(t: torch.Tensor) -> ModuleType | None:
     return extension() if t.is_cuda else None
+
+
+def _cpu(t: torch.Tensor) -> ModuleType | None:
+    """The C++ CPU kernels for a CPU tensor of a dtype they take, else None."""
+    return cpu_ext.extension() if not t.is_cuda and t.dtype in DTYPES else None
 
 
 def _rows_aligned(*tensors: torch.Tensor) -> bool:
@@ -37,7 +47,8 @@ def _rows_aligned(*tensors: torch.Tensor) -> bool:
 def prepare(device: torch.device) -> None:
     """At start-up: build or load the kernels now (not inside the first request) and log the choices."""
     if device.type == "cpu":
-        log.info("decode attention on CPU: %s", "C++ kernel" if cpu_ext.loaded() else "PyTorch reference")
+        log.info("decode attention, quantized linear layers and fused layer steps on CPU: %s",
+                 "C++ kernels" if cpu_ext.loaded() else "PyTorch reference")
         return
     if device.type != "cuda":
         return
@@ -67,12 +78,11 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its cached context: q [B, heads, d] -> [B, heads, d] (into `out` if given)."""
-    if q.device.type == "cpu" and q.dtype in DTYPES and cpu_ext.loaded():
+    if (cpu := _cpu(q)) is not None:
         q = q.contiguous()
         result = out if out is not None and out.is_contiguous() else torch.empty_like(q)
-        rows = torch.arange(q.shape[0])
-        torch.ops.strata_cpu.paged_attention(result, q, k_cache, v_cache, block_tables.contiguous(), rows,
-                                             context_lens.contiguous(), float(scale))
+        cpu.paged_attention(result, q, k_cache, v_cache, block_tables.contiguous(), _NO_ROWS,
+                            context_lens.contiguous(), float(scale))
         return result if out is None or result is out else out.copy_(result)
     ext = _ext(q)
     if (ext is None or q.dtype not in DTYPES or q.shape[-1] not in DECODE_HEAD_DIMS
@@ -120,3 +130,70 @@ def _rows_contiguous(*tensors: torch.Tensor) -> bool:
 
 def _index(slots: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if slots is None else slots.to(device, torch.long).contiguous()
+
+
+def pack_quantized(weight: QuantizedWeight) -> PackedWeight | None:
+    """`weight` in the CPU kernel's layout (done once, at load), or None where that kernel does not run."""
+    if weight.device.type != "cpu" or (cpu := cpu_ext.extension()) is None:
+        return None
+    if weight.format == "int8":
+        data = cpu.pack_int8(weight.qs, weight.d)
+    else:
+        data = cpu.pack_int4(weight.qs, weight.d, weight.m)
+    return PackedWeight(weight.format, data, weight.shape[0])
+
+
+def quantized_linear(
+    x: torch.Tensor, weight: QuantizedWeight | PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] W^T (+ bias) for a block-quantized W [N, K] (strata.kernels.quantized).
+
+    A packed weight runs the CPU kernel for the few rows of decode steps; a prefill chunk (more than
+    QUANTIZED_KERNEL_MAX_ROWS rows) runs the float matrix library on the dequantized weight, which is faster
+    there (make bench-quant measures both). Anything else runs the reference."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized.reference_linear(x, weight, bias)
+    cpu = cpu_ext.extension()
+    assert cpu is not None, "a packed weight without the CPU kernels"
+    int4 = weight.format == "int4"
+    if x.numel() > QUANTIZED_KERNEL_MAX_ROWS * x.shape[-1]:
+        return F.linear(x, cpu.dequantize_packed(weight.data, weight.n, int4).to(x.dtype), bias)
+    return cpu.linear_packed(x, weight.data, weight.n, int4, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if (cpu := _cpu(x)) is not None and x.dim() == 2:
+        return cpu.rms_norm(x, weight, eps)
+    return layer_steps.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place (the residual stream), then rms_norm(x)."""
+    if (cpu := _cpu(x)) is not None and x.dim() == 2 and x.is_contiguous():
+        return cpu.add_rms_norm(x, delta, weight, eps)
+    return layer_steps.add_rms_norm(x, delta, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if (cpu := _cpu(gate_up)) is not None and gate_up.dim() == 2:
+        return cpu.silu_mul(gate_up)
+    return layer_steps.silu_mul(gate_up)
+
+
+def rotary_store_kv(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
+    """Rotate q and k of the fused projection, store k and v at `slots` (< 0: not stored); returns q."""
+    if (cpu := _cpu(qkv)) is not None and qkv.dim() == 2:
+        return cpu.rotary_store_kv(qkv, cos_sin, positions, slots, k_cache, v_cache, heads)
+    if _ext(qkv) is not None:  # GPU: rotated in PyTorch, stored by the CUDA kernel (it skips slots < 0)
+        q, k, v = layer_steps.rotate_qkv(qkv, cos_sin, positions, heads, k_cache.shape[2])
+        write_kv(k_cache, v_cache, k, v, slots)
+        return q
+    return layer_steps.rotary_store_kv(qkv, cos_sin, positions, slots, k_cache, v_cache, heads)

@@ -30,6 +30,11 @@ class AttentionBatch:
     decode_block_tables: torch.Tensor  # [layers, B, max_blocks]
     decode_context_lens: torch.Tensor  # [B] context length including the new token
 
+    @property
+    def decode_only(self) -> bool:
+        """Every row is a decode row, in order (decode_rows is sorted): attention writes its output directly."""
+        return not self.prefills and self.decode_rows.shape[0] == self.slots.shape[1]
+
     def select(self, rows: torch.Tensor) -> AttentionBatch:
         """The same batch restricted to `rows` (sorted), renumbered 0..len(rows)-1.
 

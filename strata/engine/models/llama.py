@@ -5,6 +5,10 @@ projections and MLPs run once on all rows, attention runs per prefill slice
 and once, batched, for all decode rows. An optional SkipPlan (AdaSkip) lets
 some rows skip a layer's attention or FFN sublayer: those rows only scale
 their residual stream, and a skipped attention computes and stores no K/V.
+
+Linear weights are float or block-quantized (strata.engine.weights.quantization
+decides which); the element-wise steps between them (norms, rotary and the KV
+store, the gated activation) are fused kernels (strata.kernels.ops).
 """
 
 from __future__ import annotations
@@ -13,70 +17,72 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, SkipPlan, SublayerStats
 from strata.engine.models.config import ModelConfig
+from strata.engine.weights.quantization import Weights, load_weights
 from strata.kernels.device import default_device
 from strata.kernels.linear import Linear
-from strata.kernels.ops import paged_decode_attention, prefill_attention, prepare, write_kv
+from strata.kernels.ops import (
+    add_rms_norm,
+    paged_decode_attention,
+    prefill_attention,
+    prepare,
+    rms_norm,
+    rotary_store_kv,
+    silu_mul,
+)
 from strata.kernels.paged_attention import gather_kv
-from strata.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    var = x.float().pow(2).mean(-1, keepdim=True)
-    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
+from strata.kernels.rotary import rope_cos_sin, rope_inv_freq
 
 
 class LlamaLayer:
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> None:
+    def __init__(self, w: Weights, prefix: str, cfg: ModelConfig) -> None:
         a = prefix + "self_attn."
-        qkv_bias = (
-            torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
-            if cfg.attention_bias
-            else None
-        )
-        self.qkv = Linear(torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
-                          qkv_bias)
+        qkv_bias = w.cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]) if cfg.attention_bias else None
+        self.qkv = Linear(w.cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]), qkv_bias)
         self.o = Linear(w[a + "o_proj.weight"])
         m = prefix + "mlp."
-        self.gate_up = Linear(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]))
+        self.gate_up = Linear(w.cat([m + "gate_proj.weight", m + "up_proj.weight"]))
         self.down = Linear(w[m + "down_proj.weight"])
-        self.attn_norm = w[prefix + "input_layernorm.weight"]
-        self.mlp_norm = w[prefix + "post_attention_layernorm.weight"]
+        self.attn_norm = w.tensor(prefix + "input_layernorm.weight")
+        self.mlp_norm = w.tensor(prefix + "post_attention_layernorm.weight")
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: ModelConfig, w: Weights, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
         prepare(self.device)  # on a GPU: build or load the kernels now, log the attention backends
-        w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
-        self.embed = w["model.embed_tokens.weight"]
+        self.embed = w["model.embed_tokens.weight"]  # a quantized table when it is the (quantized) LM head too
         self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"])
-        self.norm = w["model.norm.weight"]
+        self.norm = w.tensor("model.norm.weight")
         self.layers = [LlamaLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype).to(self.device)
         self.scale = cfg.head_dim**-0.5
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+        self.quantization = w.quantization
+        self.weight_bytes_per_token = sum(  # what one decode step reads: every linear weight once
+            lin.nbytes for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        ) + self.lm_head.nbytes
 
     @classmethod
-    def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> LlamaModel:
-        """Weights onto `device` (default: STRATA_DEVICE, see strata.kernels.device)."""
+    def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device | str | None = None,
+             quantization: str = "none", gguf: Path | None = None) -> LlamaModel:
+        """Weights onto `device` (default: STRATA_DEVICE, see strata.kernels.device), their linear layers
+        quantized as `quantization` says (strata.engine.weights.quantization; blocks of `gguf` where exact)."""
         cfg = ModelConfig.from_dir(model_dir)
-        weights: dict[str, torch.Tensor] = {}
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no .safetensors files in {model_dir}")
-        for f in files:
-            weights.update(load_file(str(f)))
-        return cls(cfg, weights, dtype, device if device is not None else default_device())
+        device = torch.device(device if device is not None else default_device())
+        weights = load_weights(model_dir, dtype, device, quantization, gguf, cfg.tie_word_embeddings)
+        return cls(cfg, weights, dtype, device)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, torch.Tensor):
+            return self.embed[input_ids]
+        return self.embed.rows(input_ids).dequantize(self.dtype)
 
     def forward(
         self,
@@ -97,25 +103,24 @@ class LlamaModel:
         if input_ids.device != self.device:  # the runner builds its index tensors in host memory
             input_ids, positions, batch = input_ids.to(self.device), positions.to(self.device), batch.to(self.device)
             skip = skip.to(self.device) if skip is not None else None
-        x = F.embedding(input_ids, self.embed)
-        cos, sin = self.cos_sin[positions].unbind(1)
+        x = self.embed_tokens(input_ids)
         if skip is not None:
-            return self._forward_skipping(x, cos, sin, batch, kv_cache, skip, before_layer)
+            return self._forward_skipping(x, positions, batch, kv_cache, skip, before_layer)
+        eps = cfg.rms_norm_eps
+        h = rms_norm(x, self.layers[0].attn_norm, eps)
+        # x is the residual stream; each add_rms_norm adds a sublayer's output to it and normalizes for the next.
         for i, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer(i)
-            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            x = x + self._attention(h, layer, i, cos, sin, batch, kv_cache)
-            h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+            h = add_rms_norm(x, self._attention(h, layer, i, positions, batch, kv_cache), layer.mlp_norm, eps)
+            next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            h = add_rms_norm(x, self._mlp(h, layer), next_norm, eps)
+        return h
 
     def _forward_skipping(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
         skip: SkipPlan,
@@ -130,7 +135,7 @@ class LlamaModel:
             x_in = x
             if ls.attn_rows is None:
                 h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-                x = x + self._attention(h, layer, i, cos, sin, batch, kv_cache)
+                x = x + self._attention(h, layer, i, positions, batch, kv_cache)
             else:
                 assert ls.attn_scale is not None
                 rows = ls.attn_rows
@@ -140,9 +145,7 @@ class LlamaModel:
                         sub_batches[id(rows)] = batch.select(rows)
                     xr = x_in[rows]
                     h = rms_norm(xr, layer.attn_norm, cfg.rms_norm_eps)
-                    x[rows] = xr + self._attention(
-                        h, layer, i, cos[rows], sin[rows], sub_batches[id(rows)], kv_cache
-                    )
+                    x[rows] = xr + self._attention(h, layer, i, positions[rows], sub_batches[id(rows)], kv_cache)
             a = x
             if ls.ffn_rows is None:
                 x = x + self._mlp(rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), layer)
@@ -159,8 +162,7 @@ class LlamaModel:
 
     @staticmethod
     def _mlp(h: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        return layer.down(F.silu(gate) * up)
+        return layer.down(silu_mul(layer.gate_up(h)))
 
     @staticmethod
     def _io_stats(
@@ -191,28 +193,24 @@ class LlamaModel:
         h: torch.Tensor,
         layer: LlamaLayer,
         index: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        cfg = self.cfg
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = h.shape[0]
-        qkv = layer.qkv(h)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
-        write_kv(k_cache, v_cache, k, v, batch.slots[index])
-
+        slots = batch.slots[index]
+        q = rotary_store_kv(layer.qkv(h), self.cos_sin, positions, slots, k_cache, v_cache,
+                            self.cfg.num_attention_heads)
+        if batch.decode_only:
+            out = paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables[index],
+                                         batch.decode_context_lens, self.scale)
+            return layer.o(out.view(t, self.q_size))
         out = torch.empty_like(q)
         for p in batch.prefills:
-            if p.context_slots is None:
-                ks, vs = k[p.start : p.end], v[p.start : p.end]
-            else:
-                slots = p.context_slots[index]
-                ks, vs = gather_kv(k_cache, slots), gather_kv(v_cache, slots)
+            # The slice's keys and values, its history's and its own, as the cache now holds them.
+            context = slots[p.start : p.end] if p.context_slots is None else p.context_slots[index]
+            ks, vs = gather_kv(k_cache, context), gather_kv(v_cache, context)
             out[p.start : p.end] = prefill_attention(q[p.start : p.end], ks, vs, self.scale)
         if batch.decode_rows.numel():
             rows = batch.decode_rows

@@ -39,12 +39,12 @@ _GLOBAL_NAMES = {
 }
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
+def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
-def _hf_name(name: str) -> str | None:
+def hf_name(name: str) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
@@ -53,7 +53,7 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's q/k permutation (interleaved -> half-split rotary layout)."""
     rows = w.shape[0]
     rest = w.shape[1:]
@@ -61,36 +61,36 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_config(reader: Any) -> dict[str, Any]:
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"unsupported GGUF architecture {arch!r}: strata serves the Llama family")
     p = f"{arch}."
-    heads = int(_field(reader, p + "attention.head_count"))
-    hidden = int(_field(reader, p + "embedding_length"))
+    heads = int(gguf_field(reader, p + "attention.head_count"))
+    hidden = int(gguf_field(reader, p + "embedding_length"))
     names = {t.name for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     cfg: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int(_field(reader, p + "vocab_size", len(tokens) if tokens else 0)),
+        "vocab_size": int(gguf_field(reader, p + "vocab_size", len(tokens) if tokens else 0)),
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, p + "feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, p + "block_count")),
+        "intermediate_size": int(gguf_field(reader, p + "feed_forward_length")),
+        "num_hidden_layers": int(gguf_field(reader, p + "block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, p + "attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, p + "rope.dimension_count", hidden // heads)),
-        "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
+        "num_key_value_heads": int(gguf_field(reader, p + "attention.head_count_kv", heads)),
+        "head_dim": int(gguf_field(reader, p + "rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(gguf_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(gguf_field(reader, p + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(gguf_field(reader, p + "context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
-    factor = _field(reader, p + "rope.scaling.factor")
-    if factor is not None and _field(reader, p + "rope.scaling.type") not in (None, "none"):
-        cfg["rope_scaling"] = {"rope_type": _field(reader, p + "rope.scaling.type"), "factor": float(factor)}
+    factor = gguf_field(reader, p + "rope.scaling.factor")
+    if factor is not None and gguf_field(reader, p + "rope.scaling.type") not in (None, "none"):
+        cfg["rope_scaling"] = {"rope_type": gguf_field(reader, p + "rope.scaling.type"), "factor": float(factor)}
     return cfg
 
 
@@ -106,9 +106,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, marker: dict[str, str]) -> None
     tmp.mkdir(parents=True)
 
     tensors: dict[str, torch.Tensor] = {}
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor"):
-        name = _hf_name(t.name)
+        name = hf_name(t.name)
         if name is None:
             log.warning("skipping unknown GGUF tensor %s", t.name)
             continue
@@ -116,9 +116,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, marker: dict[str, str]) -> None
         w = w.reshape([int(d) for d in reversed(t.shape)])
         # llama.cpp permutes q/k of llama models only; qwen2 keeps the HF layout.
         if arch != "qwen2" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute(w, cfg["num_attention_heads"])
+            w = unpermute(w, cfg["num_attention_heads"])
         elif arch != "qwen2" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute(w, cfg["num_key_value_heads"])
+            w = unpermute(w, cfg["num_key_value_heads"])
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
     save_file(tensors, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -137,7 +137,7 @@ def _convert_tokenizer(gguf_path: Path, reader: Any, out_dir: Path) -> None:
     log.info("converting the GGUF tokenizer (once)")
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out_dir))
-    template = _field(reader, "tokenizer.chat_template")
+    template = gguf_field(reader, "tokenizer.chat_template")
     tok_cfg_path = out_dir / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
     if template and not tok_cfg.get("chat_template"):

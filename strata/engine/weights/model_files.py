@@ -19,11 +19,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """A loadable model directory plus what identifies it."""
+    """A loadable model directory plus what identifies it, and the GGUF file it was converted from (if any):
+    quantized weights are taken from its blocks where they map exactly."""
 
     directory: Path
     name: str
     fingerprint: str
+    gguf: Path | None = None
 
 
 def cache_root() -> Path:
@@ -84,4 +86,4 @@ def resolve_model(model: str) -> ModelFiles:
     if not marker.exists():
         log.info("first start with %s: converting to %s", path.name, out)
         convert_gguf(path, out, {"source": path.name, "sha256": digest})
-    return ModelFiles(out, name, digest)
+    return ModelFiles(out, name, digest, path)
