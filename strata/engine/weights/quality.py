@@ -1,7 +1,7 @@
 """How far a model variant (quantized weights) moves from a reference model (float32) on the same tokens.
 
-- Next-token KL divergence KL(P_ref || P), averaged over every position of teacher-forced texts, and the
-  perplexity of both models on those texts.
+- Next-token KL divergence KL(P_ref || P), averaged over every position of teacher-forced texts, the share of
+  positions where both models' most likely token is the same, and the perplexity of both models.
 - Greedy agreement: how many leading tokens of a greedy continuation the two models share.
 
 Both models run through SequenceRunner in chunks of at most QUANTIZED_KERNEL_MAX_ROWS tokens, so quantized
@@ -33,25 +33,31 @@ def log_probs(model: LlamaModel, ids: list[int], chunk: int = QUANTIZED_KERNEL_M
 
 
 @dataclass
-class TextScores:
-    """Sums over scored positions (each text's positions but its last, which has no next token)."""
+class Scores:
+    """Sums over scored positions: KL(P_ref || P) and both models' negative log-likelihoods of the targets."""
 
     positions: int = 0
     kl: float = 0.0
     nll_ref: float = 0.0
     nll: float = 0.0
+    same_top: int = 0  # positions where both models' most likely next token is the same
 
-    def add(self, ref: torch.Tensor, other: torch.Tensor, ids: list[int]) -> None:
-        ref, other = ref[:-1], other[:-1]
-        target = torch.tensor(ids[1:])
+    def add(self, ref: torch.Tensor, other: torch.Tensor, targets: list[int]) -> None:
+        """ref, other: log-probabilities [n, vocab] of the next token; targets: the n tokens that came next."""
+        target = torch.tensor(targets)[:, None]
         self.kl += float((ref.exp() * (ref - other)).sum())
-        self.nll_ref -= float(ref.gather(1, target[:, None]).sum())
-        self.nll -= float(other.gather(1, target[:, None]).sum())
-        self.positions += len(ids) - 1
+        self.nll_ref -= float(ref.gather(1, target).sum())
+        self.nll -= float(other.gather(1, target).sum())
+        self.same_top += int((ref.argmax(-1) == other.argmax(-1)).sum())
+        self.positions += len(targets)
 
     @property
     def mean_kl(self) -> float:
         return self.kl / self.positions
+
+    @property
+    def same_top_share(self) -> float:
+        return self.same_top / self.positions
 
     @property
     def perplexity_ref(self) -> float:
