@@ -2,11 +2,11 @@
 
 - GEMM rate: float32 matrix products at prefill shapes (512 rows against each of the default model's four
   weight shapes, oneDNN with the weight prepacked, as the servers run them), GFLOP/s.
-- Memory bandwidth: a copy of 1 GiB (read + write bytes), GB/s, the ceiling of a decode step that streams
-  every weight once.
+- Memory bandwidth: reading 1 GiB (a sum), GB/s, the ceiling of a decode step that streams every weight once;
+  and a copy of 1 GiB (read + write bytes).
 - Host time per decode step (strata, in process): the engine's step at 1 and 16 running sequences, split into
-  time inside compiled kernels (the CPU extension's functions and the prepacked float matmul, each call timed)
-  and everything else (Python, batch metadata, scheduling, sampling, detokenization).
+  time inside compiled kernels (the CPU extension's functions and every linear layer, each call timed) and
+  everything else (Python, batch metadata, scheduling, sampling, detokenization).
 
     python benchmarks/machine_limits.py     # prints all three (benchmarks/serving.py calls the functions)
 """
@@ -54,6 +54,12 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), repeats) / 1e9
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of reading a large tensor (a sum): what a decode step streaming its weights can reach at most."""
+    src = torch.ones(int(gib * 2**30) // 4)
+    return src.numel() * 4 / _median_time(lambda: src.sum(), repeats) / 1e9
+
+
 @dataclass
 class StepTime:
     batch: int
@@ -95,13 +101,11 @@ def host_time(quantization: str, batches: tuple[int, ...] = (1, 16), steps: int 
     ext = cpu_ext.extension()
     originals = {}
     if ext is not None:
-        for name in ("paged_attention", "linear_packed", "dequantize_packed", "rms_norm", "add_rms_norm",
-                     "silu_mul", "rotary_store_kv"):
+        for name in ("paged_attention", "rms_norm", "add_rms_norm", "silu_mul", "rotary_store_kv"):
             originals[name] = getattr(ext, name)
             setattr(ext, name, clock.wrap(originals[name]))
-    float_call = linear.Linear.__call__
-    linear.Linear.__call__ = lambda self, x: (clock.wrap(float_call)(self, x) if self.quantized is None
-                                              else float_call(self, x))
+    linear_call = linear.Linear.__call__  # every linear layer, float or quantized (a microsecond of Python in it)
+    linear.Linear.__call__ = clock.wrap(linear_call)
     try:
         out = []
         for b in batches:
@@ -120,7 +124,7 @@ def host_time(quantization: str, batches: tuple[int, ...] = (1, 16), steps: int 
             out.append(StepTime(b, statistics.median(walls) * 1e3, statistics.median(kernels) * 1e3))
         return out
     finally:
-        linear.Linear.__call__ = float_call
+        linear.Linear.__call__ = linear_call
         for name, fn in originals.items():
             setattr(ext, name, fn)
         engine.close()
@@ -129,7 +133,7 @@ def host_time(quantization: str, batches: tuple[int, ...] = (1, 16), steps: int 
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
     print(f"GEMM rate (float32, oneDNN, 512 rows): {gemm_rate():.0f} GFLOP/s")
-    print(f"memory bandwidth (1 GiB copy): {memory_bandwidth():.1f} GB/s")
+    print(f"memory bandwidth: {read_bandwidth():.1f} GB/s reading, {memory_bandwidth():.1f} GB/s copying (1 GiB)")
     for q in ("none", "int4"):
         for s in host_time(q):
             print(f"{q} batch {s.batch}: step {s.step_ms:.2f} ms, kernels {s.kernel_ms:.2f} ms, "

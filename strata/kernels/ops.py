@@ -12,7 +12,6 @@ import logging
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from strata.kernels import cpu_ext, kv_copy, layer_steps, paged_attention, prefill_gpu, quantized
 from strata.kernels.cuda_ext import extension
@@ -31,8 +30,10 @@ def _ext(t: torch.Tensor) -> ModuleType | None:
 
 
 def _cpu(t: torch.Tensor) -> ModuleType | None:
-    """The C++ CPU kernels for a CPU tensor of a dtype they take, else None."""
-    return cpu_ext.extension() if not t.is_cuda and t.dtype in DTYPES else None
+    """The C++ CPU kernels for a CPU tensor of a dtype they take, else None (called for every op: kept cheap)."""
+    if t.is_cuda or t.dtype not in DTYPES:
+        return None
+    return cpu_ext.extension()
 
 
 def _rows_aligned(*tensors: torch.Tensor) -> bool:
@@ -140,7 +141,7 @@ def pack_quantized(weight: QuantizedWeight) -> PackedWeight | None:
         data = cpu.pack_int8(weight.qs, weight.d)
     else:
         data = cpu.pack_int4(weight.qs, weight.d, weight.m)
-    return PackedWeight(weight.format, data, weight.shape[0])
+    return PackedWeight(weight.format, data, weight.shape[0], cpu.linear_packed)
 
 
 def quantized_linear(
@@ -153,12 +154,7 @@ def quantized_linear(
     there (make bench-quant measures both). Anything else runs the reference."""
     if isinstance(weight, QuantizedWeight):
         return quantized.reference_linear(x, weight, bias)
-    cpu = cpu_ext.extension()
-    assert cpu is not None, "a packed weight without the CPU kernels"
-    int4 = weight.format == "int4"
-    if x.numel() > QUANTIZED_KERNEL_MAX_ROWS * x.shape[-1]:
-        return F.linear(x, cpu.dequantize_packed(weight.data, weight.n, int4).to(x.dtype), bias)
-    return cpu.linear_packed(x, weight.data, weight.n, int4, bias)
+    return weight.kernel(x, weight.data, weight.n, weight.format == "int4", bias, QUANTIZED_KERNEL_MAX_ROWS)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -88,6 +88,10 @@ class BlockTable:
 
     def slots(self, block_size: int, start: int, end: int) -> torch.Tensor:
         """Slots of tokens [start, end) at every layer: [layers, end - start]; -1 where a layer holds none."""
+        if end - start == 1:  # a decode step: one token, built from the lists (a few tensor ops cost more)
+            index, offset = divmod(start, block_size)
+            return torch.tensor([[blocks[index] * block_size + offset if len(blocks) > index else -1]
+                                 for blocks in self.layers])
         pos = torch.arange(start, end)
         index = pos // block_size
         table = self.tensor()  # some layer (layer 0 is never skipped) holds every token asked for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -30,10 +31,19 @@ class AttentionBatch:
     decode_block_tables: torch.Tensor  # [layers, B, max_blocks]
     decode_context_lens: torch.Tensor  # [B] context length including the new token
 
-    @property
+    @cached_property
     def decode_only(self) -> bool:
         """Every row is a decode row, in order (decode_rows is sorted): attention writes its output directly."""
         return not self.prefills and self.decode_rows.shape[0] == self.slots.shape[1]
+
+    @cached_property
+    def layer_slots(self) -> tuple[torch.Tensor, ...]:
+        """slots per layer, split once per step (indexing a tensor per layer costs more)."""
+        return self.slots.unbind(0)
+
+    @cached_property
+    def layer_block_tables(self) -> tuple[torch.Tensor, ...]:
+        return self.decode_block_tables.unbind(0)
 
     def select(self, rows: torch.Tensor) -> AttentionBatch:
         """The same batch restricted to `rows` (sorted), renumbered 0..len(rows)-1.

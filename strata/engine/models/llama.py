@@ -104,15 +104,16 @@ class LlamaModel:
             input_ids, positions, batch = input_ids.to(self.device), positions.to(self.device), batch.to(self.device)
             skip = skip.to(self.device) if skip is not None else None
         x = self.embed_tokens(input_ids)
+        kv = kv_cache.unbind(0)  # (K, V), split once
         if skip is not None:
-            return self._forward_skipping(x, positions, batch, kv_cache, skip, before_layer)
+            return self._forward_skipping(x, positions, batch, kv, skip, before_layer)
         eps = cfg.rms_norm_eps
         h = rms_norm(x, self.layers[0].attn_norm, eps)
         # x is the residual stream; each add_rms_norm adds a sublayer's output to it and normalizes for the next.
         for i, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer(i)
-            h = add_rms_norm(x, self._attention(h, layer, i, positions, batch, kv_cache), layer.mlp_norm, eps)
+            h = add_rms_norm(x, self._attention(h, layer, i, positions, batch, kv), layer.mlp_norm, eps)
             next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             h = add_rms_norm(x, self._mlp(h, layer), next_norm, eps)
         return h
@@ -122,7 +123,7 @@ class LlamaModel:
         x: torch.Tensor,
         positions: torch.Tensor,
         batch: AttentionBatch,
-        kv_cache: torch.Tensor,
+        kv: tuple[torch.Tensor, ...],
         skip: SkipPlan,
         before_layer: Callable[[int], None] | None,
     ) -> torch.Tensor:
@@ -135,7 +136,7 @@ class LlamaModel:
             x_in = x
             if ls.attn_rows is None:
                 h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-                x = x + self._attention(h, layer, i, positions, batch, kv_cache)
+                x = x + self._attention(h, layer, i, positions, batch, kv)
             else:
                 assert ls.attn_scale is not None
                 rows = ls.attn_rows
@@ -145,7 +146,7 @@ class LlamaModel:
                         sub_batches[id(rows)] = batch.select(rows)
                     xr = x_in[rows]
                     h = rms_norm(xr, layer.attn_norm, cfg.rms_norm_eps)
-                    x[rows] = xr + self._attention(h, layer, i, positions[rows], sub_batches[id(rows)], kv_cache)
+                    x[rows] = xr + self._attention(h, layer, i, positions[rows], sub_batches[id(rows)], kv)
             a = x
             if ls.ffn_rows is None:
                 x = x + self._mlp(rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), layer)
@@ -195,15 +196,15 @@ class LlamaModel:
         index: int,
         positions: torch.Tensor,
         batch: AttentionBatch,
-        kv_cache: torch.Tensor,
+        kv: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache, v_cache = kv
         t = h.shape[0]
-        slots = batch.slots[index]
+        slots = batch.layer_slots[index]
         q = rotary_store_kv(layer.qkv(h), self.cos_sin, positions, slots, k_cache, v_cache,
                             self.cfg.num_attention_heads)
         if batch.decode_only:
-            out = paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables[index],
+            out = paged_decode_attention(q, k_cache, v_cache, batch.layer_block_tables[index],
                                          batch.decode_context_lens, self.scale)
             return layer.o(out.view(t, self.q_size))
         out = torch.empty_like(q)

@@ -282,13 +282,21 @@ at::Tensor pack_int8(const at::Tensor& qs, const at::Tensor& d) { return pack(qs
 
 at::Tensor pack_int4(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) { return pack(qs, d, m, true); }
 
+at::Tensor dequantize_packed(const at::Tensor& packed, int64_t n, bool int4);
+
+// More than `max_kernel_rows` rows (a prefill chunk): the float matrix library on the dequantized weight, which is
+// faster there; one pass over the blocks costs little next to the product itself.
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n, bool int4,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias, int64_t max_kernel_rows) {
   const int64_t k = packed.size(1) * QK;
   const Packed w = check_packed(packed, n, k, int4);
   TORCH_CHECK(x.size(-1) == k, "linear: input features ", x.size(-1), " != the weight's ", k);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "linear: float32, bfloat16 or float16 input");
+  if (x.numel() > max_kernel_rows * k) {
+    const at::Tensor weight = dequantize_packed(packed, n, int4).to(x.scalar_type());
+    return at::linear(x, weight, bias.has_value() ? *bias : at::Tensor());
+  }
   at::Tensor x2 = x.reshape({-1, k});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
   const int64_t rows = x2.size(0), stride = x2.stride(0);
@@ -320,8 +328,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out.view(shape);
 }
 
-// W as float32 [N, K] from its packed form: for many rows a float matrix library beats the int kernel, and one
-// pass over the blocks costs little next to the product itself.
+// W as float32 [N, K] from its packed form.
 at::Tensor dequantize_packed(const at::Tensor& packed, int64_t n, bool int4) {
   const int64_t k = packed.size(1) * QK;
   const Packed w = check_packed(packed, n, k, int4);
