@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "paged_attention.cu", "kv_write.cu", "kv_copy.cu")
+SOURCES = ("bindings.cpp", "paged_attention.cu", "kv_write.cu", "kv_copy.cu", "quant_linear.cu")
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANTIZED_KERNEL_MAX_ROWS = 64
+GPU_GEMV_MAX_ROWS = 8  # csrc/quant_linear.cu's kMaxRows
 _NO_ROWS = torch.zeros(0, dtype=torch.long)  # the CPU attention kernel's row_seq: query row i reads table row i
 DECODE_HEAD_DIMS = (64, 128, 256)  # instantiated in csrc/paged_attention.cu
 
@@ -153,8 +154,29 @@ def quantized_linear(
     QUANTIZED_KERNEL_MAX_ROWS rows) runs the float matrix library on the dequantized weight, which is faster
     there (make bench-quant measures both). Anything else runs the reference."""
     if isinstance(weight, QuantizedWeight):
+        if (ext := _ext(x)) is not None and x.dtype in DTYPES:
+            return _quantized_linear_gpu(ext, x, weight, bias)
         return quantized.reference_linear(x, weight, bias)
     return weight.kernel(x, weight.data, weight.n, weight.format == "int4", bias, QUANTIZED_KERNEL_MAX_ROWS)
+
+
+def _quantized_linear_gpu(ext: ModuleType, x: torch.Tensor, weight: QuantizedWeight,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """On the GPU the weights are dequantized in registers and the activations keep their dtype: the warp-per-column
+    kernel for up to 8 rows, else the weight dequantized once and the matrix library (its oracle is
+    F.linear(x, weight.dequantize(x.dtype)))."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    if rows.shape[0] <= GPU_GEMV_MAX_ROWS:
+        out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+        ext.quant_gemv(out, rows, weight.qs, weight.d, weight.m)
+    else:
+        w = torch.empty(n, k, dtype=x.dtype, device=x.device)
+        ext.quant_dequantize(w, weight.qs, weight.d, weight.m)
+        out = rows @ w.T
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], n)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

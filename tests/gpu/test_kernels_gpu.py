@@ -164,3 +164,24 @@ def test_prefill_attention(heads, kv_heads, dim, n, history, dtype):
     want = paged_attention.prefill_attention(q.float(), k.float(), v.float(), dim**-0.5)
     got = ops.prefill_attention(q.cuda(), k.cuda(), v.cuda(), dim**-0.5)
     torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_quantized_linear_is_the_weight_only_reference(ext, fmt, rows, dtype):
+    """Up to 8 rows the warp-per-column kernel, beyond them the dequantized weight and the matrix library: both equal
+    F.linear on the dequantized weight (on the GPU the activations are not quantized)."""
+    from strata.kernels import quantized
+
+    gen = torch.Generator().manual_seed(rows)
+    q = quantized.quantize(torch.randn(200, 320, generator=gen) * 0.05, fmt)
+    x = torch.randn(rows, 320, generator=gen).to(dtype)
+    bias = torch.randn(200, generator=gen).to(dtype)
+    want = torch.nn.functional.linear(x.float(), q.dequantize(), bias.float())
+    got = ops.quantized_linear(x.cuda(), q.to(torch.device("cuda")), bias.cuda())
+    assert got.dtype == dtype and got.shape == (rows, 200)
+    torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
+    w = torch.full((200, 320), float("nan"), dtype=dtype, device="cuda")
+    ext.quant_dequantize(w, q.qs.cuda(), q.d.cuda(), q.m.cuda() if q.m is not None else None)
+    torch.testing.assert_close(w.float().cpu(), q.dequantize().to(dtype).float())
