@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-dtype bench-cluster bench-gpu cluster services clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-quant bench-dtype bench-cluster bench-gpu cluster services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,10 +60,16 @@ bench-adaskip: $(STAMP)
 bench-soak: $(STAMP)
 	$(PY) benchmarks/soak.py $(ARGS)
 
-# strata vs vLLM's CPU build on the same model (vLLM venv in .bench/vllm-venv, made by benchmarks/vllm_env.sh
-# on first use, about 4 GB): writes docs/serving.md (not part of `make bench`). ARGS=--quick for a smoke run.
+# strata vs vLLM's CPU build and llama-server on the same model (vLLM venv in .bench/vllm-venv, made by
+# benchmarks/vllm_env.sh, about 4 GB; llama.cpp built by benchmarks/llama_cpp_env.sh; both on first use):
+# writes docs/serving.md (not part of `make bench`). ARGS=--quick for a smoke run.
 bench-serving: $(STAMP)
 	$(PY) benchmarks/serving.py $(ARGS)
+
+# Quality of --quantization int8/int4 against float32 (llama.cpp's Q4_1/Q8_0 beside them) and the kernel's
+# speed: writes docs/quantization.md. ARGS=--quick for a smoke run.
+bench-quant: $(STAMP)
+	$(PY) benchmarks/quantization.py $(ARGS)
 
 bench-cluster: $(STAMP) services
 	$(PY) benchmarks/cluster.py $(ARGS)

@@ -11,8 +11,8 @@ int8 requantizes them and takes the Q8_0 embedding/LM head as stored), against s
   of the next-token distributions at the 128 positions of float32's continuation (teacher-forced).
 - held-out text: 8 texts of 512 tokens of the held-out Python documentation (strata.engine.skip.corpus); mean
   KL and perplexity over the second half of each text, the positions llama-perplexity scores with -c 512.
-Every forward runs in chunks of at most QUANTIZED_KERNEL_MAX_ROWS tokens: the decode kernel's path (activations
-quantized to int8 per block), the one generated tokens take (strata.engine.weights.quality).
+The quantized kernel computes every row alike (activations quantized to int8 per block), prompt or generated
+token (strata.engine.weights.quality).
 
 llama.cpp (built by benchmarks/llama_cpp_env.sh), each file against an F32 GGUF of the same weights
 (`llama-quantize --allow-requantize` of the shipped Q4_1 file; Q8_0 is quantized from that F32):
@@ -22,8 +22,8 @@ llama.cpp (built by benchmarks/llama_cpp_env.sh), each file against an F32 GGUF 
   server does not return: not measured for llama.cpp.)
 
 Kernel speed: the model's linear layers (30 layers' q/k/v, o, gate/up, down, 106M weights) at 1..512 rows:
-float32 through oneDNN (prepacked, what `none` runs) and the int8/int4 kernel (above 64 rows: the weight
-dequantized once per call, then oneDNN), median of repeats; weight bytes read per second for decode sizes.
+float32 through oneDNN (prepacked, what `none` runs) and the int8/int4 kernel, median of repeats; weight bytes
+read per second for decode sizes.
 """
 
 from __future__ import annotations
@@ -305,8 +305,8 @@ median leading tokens equal | chat KL | held-out KL | held-out perplexity |
 {chr(10).join(speed_rows)}
 
 GFLOP/s counts 2 x rows x weights per pass; GB/s is weight bytes read per second (float32: 4 bytes per weight;
-int8: 1.06; int4: 0.625, scales included). Decode steps have one row per running sequence; above 64 rows
-(prefill chunks) the quantized weight is dequantized once per call and oneDNN runs.
+int8: 1.06; int4: 0.625, scales included). Decode steps have one row per running sequence, prefill chunks up to
+`--max-num-batched-tokens`; the quantized kernel serves both.
 
 ## Decision
 

@@ -307,7 +307,7 @@ def bench_cmd(url: str, directory: Path, args: argparse.Namespace, concurrency: 
             "--endpoint", "/v1/completions", "--model", NAME, "--tokenizer", str(directory),
             "--dataset-name", "random", "--random-input-len", str(args.input_len),
             "--random-output-len", str(args.output_len), "--ignore-eos", "--num-prompts", str(args.num_prompts),
-            "--max-concurrency", str(concurrency), "--seed", "0",
+            "--max-concurrency", str(concurrency), "--seed", str(concurrency),  # no cache hits across runs
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
             "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
 

@@ -53,13 +53,14 @@ def test_bfloat16_input_and_leading_dims(fmt):
 
 
 @pytest.mark.parametrize("fmt", quantized.FORMATS)
-def test_prefill_rows_use_the_dequantized_weight(fmt):
-    """Past QUANTIZED_KERNEL_MAX_ROWS the float matrix library runs on the exact dequantized weight."""
-    q = quantize(weight(20, 64, seed=2), fmt)
-    packed = ops.pack_quantized(q)
-    assert torch.equal(cpu_ext.extension().dequantize_packed(packed.data, 20, fmt == "int4"), q.dequantize())
-    x = torch.randn(ops.QUANTIZED_KERNEL_MAX_ROWS + 1, 64)
-    torch.testing.assert_close(ops.quantized_linear(x, packed), x @ q.dequantize().T, atol=1e-5, rtol=1e-5)
+def test_a_row_does_not_depend_on_its_batch(fmt):
+    """Each output row is computed from its own input row only: alone, in a decode batch or in a long prefill
+    chunk, bit for bit (a request's tokens do not change with its neighbours or its prompt's chunking)."""
+    packed = ops.pack_quantized(quantize(weight(40, 64, seed=2), fmt))
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))
+    whole = ops.quantized_linear(x, packed)
+    for rows in (slice(0, 1), slice(7, 10), slice(100, 300)):
+        assert torch.equal(ops.quantized_linear(x[rows], packed), whole[rows])
 
 
 def test_quantize_error_bounds():

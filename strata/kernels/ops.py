@@ -20,7 +20,6 @@ from strata.kernels.quantized import PackedWeight, QuantizedWeight
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-QUANTIZED_KERNEL_MAX_ROWS = 64
 GPU_GEMV_MAX_ROWS = 8  # csrc/quant_linear.cu's kMaxRows
 _NO_ROWS = torch.zeros(0, dtype=torch.long)  # the CPU attention kernel's row_seq: query row i reads table row i
 DECODE_HEAD_DIMS = (64, 128, 256)  # instantiated in csrc/paged_attention.cu
@@ -150,14 +149,13 @@ def quantized_linear(
 ) -> torch.Tensor:
     """x [..., K] W^T (+ bias) for a block-quantized W [N, K] (strata.kernels.quantized).
 
-    A packed weight runs the CPU kernel for the few rows of decode steps; a prefill chunk (more than
-    QUANTIZED_KERNEL_MAX_ROWS rows) runs the float matrix library on the dequantized weight, which is faster
-    there (make bench-quant measures both). Anything else runs the reference."""
+    A packed weight runs the CPU kernel, decode rows and prefill chunks alike; on a GPU the CUDA kernels; the
+    reference anywhere else."""
     if isinstance(weight, QuantizedWeight):
         if (ext := _ext(x)) is not None and x.dtype in DTYPES:
             return _quantized_linear_gpu(ext, x, weight, bias)
         return quantized.reference_linear(x, weight, bias)
-    return weight.kernel(x, weight.data, weight.n, weight.format == "int4", bias, QUANTIZED_KERNEL_MAX_ROWS)
+    return weight.kernel(x, weight.data, weight.n, weight.format == "int4", bias)
 
 
 def _quantized_linear_gpu(ext: ModuleType, x: torch.Tensor, weight: QuantizedWeight,

@@ -4,10 +4,9 @@
   positions where both models' most likely token is the same, and the perplexity of both models.
 - Greedy agreement: how many leading tokens of a greedy continuation the two models share.
 
-Both models run through SequenceRunner in chunks of at most QUANTIZED_KERNEL_MAX_ROWS tokens, so quantized
-linear layers take the decode kernel's path (int8 activations, the coarser of the two): the figures hold for
-the tokens a server generates. `make bench-quant` publishes them; tests/test_quantization_quality.py holds each
-mode within its tolerance.
+Both models run through SequenceRunner, prefill in chunks; the quantized kernel computes each row on its own
+(int8 activations per block), so the figures hold for prompts and generated tokens alike. `make bench-quant`
+publishes them; tests/test_quantization_quality.py holds each mode within its tolerance.
 """
 
 from __future__ import annotations
@@ -19,10 +18,11 @@ import torch
 
 from strata.engine.models.llama import LlamaModel
 from strata.engine.skip.sequence_runner import SequenceRunner
-from strata.kernels.ops import QUANTIZED_KERNEL_MAX_ROWS
+
+CHUNK = 256  # prefill chunk: bounds the logits held at once
 
 
-def log_probs(model: LlamaModel, ids: list[int], chunk: int = QUANTIZED_KERNEL_MAX_ROWS) -> torch.Tensor:
+def log_probs(model: LlamaModel, ids: list[int], chunk: int = CHUNK) -> torch.Tensor:
     """Log-softmax of the next-token logits after each position of `ids` (teacher-forced): [len(ids), vocab]."""
     runner = SequenceRunner(model, len(ids))
     out = []
@@ -72,8 +72,8 @@ def greedy(model: LlamaModel, prompt: list[int], new_tokens: int) -> list[int]:
     """`new_tokens` greedy tokens after `prompt` (end of sequence ignored), one decode step each."""
     runner = SequenceRunner(model, len(prompt) + new_tokens)
     logits = None
-    for start in range(0, len(prompt), QUANTIZED_KERNEL_MAX_ROWS):
-        logits, _ = runner.prefill(prompt[start : start + QUANTIZED_KERNEL_MAX_ROWS])
+    for start in range(0, len(prompt), CHUNK):
+        logits, _ = runner.prefill(prompt[start : start + CHUNK])
     assert logits is not None
     out = [int(logits[-1].argmax())]
     while len(out) < new_tokens:

@@ -13,8 +13,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
 at::Tensor pack_int8(const at::Tensor& qs, const at::Tensor& d);
 at::Tensor pack_int4(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m);
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n, bool int4,
-                         const std::optional<at::Tensor>& bias, int64_t max_kernel_rows);
-at::Tensor dequantize_packed(const at::Tensor& packed, int64_t n, bool int4);
+                         const std::optional<at::Tensor>& bias);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
@@ -31,9 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_int4", &pack_int4, "an int4 block-quantized W in the kernel's layout", py::arg("qs"), py::arg("d"),
         py::arg("m"));
   m.def("linear_packed", &linear_packed, "x W^T (+ b) for a packed quantized W [N, K]", py::arg("x"),
-        py::arg("packed"), py::arg("n"), py::arg("int4"), py::arg("bias"), py::arg("max_kernel_rows"));
-  m.def("dequantize_packed", &dequantize_packed, "a packed quantized W as float32 [N, K]", py::arg("packed"),
-        py::arg("n"), py::arg("int4"));
+        py::arg("packed"), py::arg("n"), py::arg("int4"), py::arg("bias"));
   m.def("rms_norm", &rms_norm, "RMSNorm of each row", py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of each row", py::arg("x"),
         py::arg("delta"), py::arg("weight"), py::arg("eps"));

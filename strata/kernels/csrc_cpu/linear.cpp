@@ -18,8 +18,10 @@
 //
 // The activations are quantized on the fly, per row and per block of 32, to int8 with a float scale
 // (x ~ dx * qx), so that a block's dot product is integer arithmetic (llama.cpp computes its Q4/Q8 formats the
-// same way). Each output row depends only on its own input row: a request's result does not change with the
-// rows it shares a batch with.
+// same way). One AVX2 instruction multiplies and pairwise-adds 32 byte products where float FMAs take four, so
+// the same kernel also serves prefill chunks (at 512 rows, int4 runs faster than float32 oneDNN on the same
+// cores: make bench-quant). Each output row depends only on its own input row: a request's result does not
+// change with the rows it shares a batch with, or with how its prompt was chunked.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -282,21 +284,13 @@ at::Tensor pack_int8(const at::Tensor& qs, const at::Tensor& d) { return pack(qs
 
 at::Tensor pack_int4(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) { return pack(qs, d, m, true); }
 
-at::Tensor dequantize_packed(const at::Tensor& packed, int64_t n, bool int4);
-
-// More than `max_kernel_rows` rows (a prefill chunk): the float matrix library on the dequantized weight, which is
-// faster there; one pass over the blocks costs little next to the product itself.
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n, bool int4,
-                         const std::optional<at::Tensor>& bias, int64_t max_kernel_rows) {
+                         const std::optional<at::Tensor>& bias) {
   const int64_t k = packed.size(1) * QK;
   const Packed w = check_packed(packed, n, k, int4);
   TORCH_CHECK(x.size(-1) == k, "linear: input features ", x.size(-1), " != the weight's ", k);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "linear: float32, bfloat16 or float16 input");
-  if (x.numel() > max_kernel_rows * k) {
-    const at::Tensor weight = dequantize_packed(packed, n, int4).to(x.scalar_type());
-    return at::linear(x, weight, bias.has_value() ? *bias : at::Tensor());
-  }
   at::Tensor x2 = x.reshape({-1, k});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
   const int64_t rows = x2.size(0), stride = x2.stride(0);
@@ -326,37 +320,6 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   return out.view(shape);
-}
-
-// W as float32 [N, K] from its packed form.
-at::Tensor dequantize_packed(const at::Tensor& packed, int64_t n, bool int4) {
-  const int64_t k = packed.size(1) * QK;
-  const Packed w = check_packed(packed, n, k, int4);
-  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, w.groups * w.nb, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = i / w.nb, b = i % w.nb;
-      const uint8_t* r = w.data + i * record_bytes(int4);
-      const uint16_t* scales = reinterpret_cast<const uint16_t*>(r + (int4 ? COLS * QK / 2 : COLS * QK));
-      for (int64_t c = 0; c < COLS && g * COLS + c < n; ++c) {
-        const float scale = half_to_float(scales[c]), offset = int4 ? half_to_float(scales[COLS + c]) : 0.f;
-        float* dst = o + (g * COLS + c) * k + b * QK;
-        for (int64_t j = 0; j < 8; ++j)
-          for (int64_t e = 0; e < 4; ++e) {
-            int32_t q;
-            if (int4) {
-              const uint8_t byte = r[(j % 4) * 32 + c * 4 + e];
-              q = j < 4 ? (byte & 0x0F) : (byte >> 4);
-            } else {
-              q = static_cast<int8_t>(r[j * 32 + c * 4 + e]);
-            }
-            dst[4 * j + e] = scale * static_cast<float>(q) + offset;
-          }
-      }
-    }
-  });
-  return out;
 }
 
 }  // namespace strata_cpu
