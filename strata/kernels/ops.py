@@ -141,7 +141,7 @@ def pack_quantized(weight: QuantizedWeight) -> PackedWeight | None:
         data = cpu.pack_int8(weight.qs, weight.d)
     else:
         data = cpu.pack_int4(weight.qs, weight.d, weight.m)
-    return PackedWeight(weight.format, data, weight.shape[0], cpu.linear_packed)
+    return PackedWeight(weight.format, data, weight.shape[0])
 
 
 def quantized_linear(
@@ -155,7 +155,9 @@ def quantized_linear(
         if (ext := _ext(x)) is not None and x.dtype in DTYPES:
             return _quantized_linear_gpu(ext, x, weight, bias)
         return quantized.reference_linear(x, weight, bias)
-    return weight.kernel(x, weight.data, weight.n, weight.format == "int4", bias)
+    cpu = cpu_ext.extension()
+    assert cpu is not None, "a packed weight without the CPU kernels"
+    return cpu.linear_packed(x, weight.data, weight.n, weight.format == "int4", bias)
 
 
 def _quantized_linear_gpu(ext: ModuleType, x: torch.Tensor, weight: QuantizedWeight,

@@ -16,7 +16,6 @@ missing (a GPU without its kernel, a machine without a compiler).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +70,11 @@ class QuantizedWeight:
 @dataclass(frozen=True)
 class PackedWeight:
     """A QuantizedWeight [n, K] repacked once for the CPU kernel (strata/kernels/csrc_cpu/linear.cpp):
-    `data` uint8 [groups of 8 columns, K/32, record bytes]; `kernel` the extension's linear_packed."""
+    `data` uint8 [groups of 8 columns, K/32, record bytes]."""
 
     format: str
     data: torch.Tensor
     n: int
-    kernel: Callable[..., torch.Tensor]
 
     @property
     def shape(self) -> tuple[int, int]:
