@@ -302,8 +302,23 @@ class ServerProc:
 # ---------------------------------------------------------------- workload 1: vllm bench serve
 
 
+# `vllm bench serve` with a new TCP connection per request: llama-server's HTTP library closes an idle keep-alive
+# connection after 5 s, and a request the load generator's pool sent on one just then was lost ("Server
+# disconnected", a few per run). A loopback connect costs well under a millisecond, for every contender alike.
+FRESH_CONNECTIONS = """
+import sys, aiohttp
+class FreshConnector(aiohttp.TCPConnector):
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("keepalive_timeout", None)
+        super().__init__(*args, **{**kwargs, "force_close": True})
+aiohttp.TCPConnector = FreshConnector
+from vllm.entrypoints.cli.main import main
+sys.exit(main())
+"""
+
+
 def bench_cmd(url: str, directory: Path, args: argparse.Namespace, concurrency: int, out: Path) -> list[str]:
-    return [str(VLLM_VENV / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", url,
+    return [str(vllm_python()), "-c", FRESH_CONNECTIONS, "bench", "serve", "--backend", "openai", "--base-url", url,
             "--endpoint", "/v1/completions", "--model", NAME, "--tokenizer", str(directory),
             "--dataset-name", "random", "--random-input-len", str(args.input_len),
             "--random-output-len", str(args.output_len), "--ignore-eos", "--num-prompts", str(args.num_prompts),
@@ -323,7 +338,8 @@ def run_bench(server: ServerProc, c: Contender, directory: Path, args: argparse.
     if result.get("completed", 0) != args.num_prompts:
         raise RuntimeError(f"{c.name} c={concurrency}: {result.get('completed')} of {args.num_prompts} "
                            "requests completed")
-    result["_command"] = (shlex.join(cmd).replace(server.url, "http://127.0.0.1:PORT")
+    shown = ["vllm", *cmd[3:]]  # run as `python -c FRESH_CONNECTIONS bench serve ...`
+    result["_command"] = (shlex.join(shown).replace(server.url, "http://127.0.0.1:PORT")
                           .replace(out.name, f"bench-CONTENDER-c{concurrency}.json"))
     return result
 
