@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -156,9 +157,9 @@ def llama_perplexity(files: dict[str, Path], text_file: Path) -> dict[str, dict]
 
 
 def _stat(text: str, label: str) -> float:
-    for line in text.splitlines():
-        if label in line:
-            return float(line.split(":", 1)[1].split()[0])
+    """A summary figure of llama-perplexity ("label: value ± error"; a table header may hold the label too)."""
+    if m := re.search(rf"{re.escape(label)}\s*:\s*([-+0-9.eE]+)", text):
+        return float(m.group(1))
     raise ValueError(f"llama-perplexity printed no {label!r}")
 
 
