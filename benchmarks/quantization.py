@@ -22,8 +22,10 @@ llama.cpp (built by benchmarks/llama_cpp_env.sh), each file against an F32 GGUF 
   server does not return: not measured for llama.cpp.)
 
 Kernel speed: the model's linear layers (30 layers' q/k/v, o, gate/up, down, 106M weights) at 1..512 rows:
-float32 through oneDNN (prepacked, what `none` runs) and the int8/int4 kernel, median of repeats; weight bytes
-read per second for decode sizes.
+float32 through oneDNN (prepacked, what `none` runs), strata's int8/int4 kernel, and PyTorch's own weight-only
+kernels (`torch._weight_int8pack_mm` per channel, `torch._weight_int4pack_mm_for_cpu` in groups of 32: what
+torchao's CPU configs run; up to 16 rows, slower by far here), median of repeats; weight bytes read per
+second for decode sizes.
 """
 
 from __future__ import annotations
@@ -211,6 +213,30 @@ def llama_quality(gguf: Path, prompts: list[list[int]], texts_file: Path, new_to
 # ---------------------------------------------------------------- kernel speed
 
 
+TORCH_INT8 = "torch int8"
+TORCH_INT4 = "torch int4"
+TORCH_INT4_GROUP = 32
+TORCH_MAX_ROWS = 16
+
+
+def _torch_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel symmetric int8 for torch._weight_int8pack_mm: (weights [N, K] int8, scales [N])."""
+    scale = w.abs().amax(1).clamp(min=1e-8) / 127
+    return torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+def _torch_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4 for torch._weight_int4pack_mm_for_cpu: (packed, scales and zeros [K/g, N, 2])."""
+    n, k = w.shape
+    groups = w.view(n, k // TORCH_INT4_GROUP, TORCH_INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = (high - low).clamp(min=1e-8) / 15
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    zero = low + 8 * scale  # its dequantization is (q - 8) * scale + zero
+    return (torch._convert_weight_to_int4pack_for_cpu(q, 2),
+            torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+
+
 def kernel_speed(rows_list: list[int], repeats: int) -> list[dict]:
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # the default model's q/k/v, o, gate/up, down
     gen = torch.Generator().manual_seed(0)
@@ -222,6 +248,11 @@ def kernel_speed(rows_list: list[int], repeats: int) -> list[dict]:
     nbytes = {"float32 (oneDNN)": sum(w.numel() * 4 for layer in floats for w in layer)}
     for fmt in quantized.FORMATS:
         nbytes[fmt] = sum(p.data.numel() for layer in weights[fmt] for p in layer)
+    # PyTorch's own weight-only kernels (what torchao's CPU configs call), for the choice of kernel.
+    weights[TORCH_INT8] = [[_torch_int8(w) for w in layer] for layer in floats]
+    weights[TORCH_INT4] = [[_torch_int4(w) for w in layer] for layer in floats]
+    for name in (TORCH_INT8, TORCH_INT4):
+        nbytes[name] = sum(sum(t.numel() * t.element_size() for t in w) for layer in weights[name] for w in layer)
     macs = sum(n * k for n, k in shapes) * 30
     del floats
     out = []
@@ -229,11 +260,17 @@ def kernel_speed(rows_list: list[int], repeats: int) -> list[dict]:
         xs = {k: torch.randn(rows, k, generator=gen) for _, k in shapes}
         row = {"rows": rows}
         for name, layers in weights.items():
+            if name in (TORCH_INT8, TORCH_INT4) and rows > TORCH_MAX_ROWS:
+                continue  # seconds per pass here: their trend is clear by then
             def run(layers=layers, name=name, xs=xs) -> None:
                 for layer in layers:
                     for w, (_, k) in zip(layer, shapes, strict=True):
                         if name.startswith("float32"):
                             torch.ops.mkldnn._linear_pointwise(xs[k], w, None, "none", [], "")
+                        elif name == TORCH_INT8:
+                            torch._weight_int8pack_mm(xs[k], *w)
+                        elif name == TORCH_INT4:
+                            torch._weight_int4pack_mm_for_cpu(xs[k], w[0], TORCH_INT4_GROUP, w[1])
                         else:
                             ops.quantized_linear(xs[k], w)
             run()
@@ -274,9 +311,10 @@ def write_doc(args: argparse.Namespace, strata: dict, llama: dict | None, speed:
     names = [k for k in speed[0] if k != "rows"]
     speed_rows = []
     for row in speed:
-        cells = [f"{row[n]['ms']:.1f} ms ({row[n]['gflops']:.0f} GFLOP/s, {row[n]['gbs']:.1f} GB/s)" for n in names]
+        cells = [f"{row[n]['ms']:.1f} ms ({row[n]['gflops']:.0f} GFLOP/s, {row[n]['gbs']:.1f} GB/s)" if n in row
+                 else "–" for n in names]
         base = row["float32 (oneDNN)"]["ms"]
-        ratios = [f"{base / row[n]['ms']:.2f}x" for n in names[1:]]
+        ratios = [f"{base / row[n]['ms']:.2f}x" if n in row else "–" for n in names[1:]]
         speed_rows.append(f"| {row['rows']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     text = f"""# Quantized weights: quality and kernel speed
 
@@ -314,7 +352,8 @@ median leading tokens equal | chat KL | held-out KL | held-out same top token | 
 
 GFLOP/s counts 2 x rows x weights per pass; GB/s is weight bytes read per second (float32: 4 bytes per weight;
 int8: 1.06; int4: 0.625, scales included). Decode steps have one row per running sequence, prefill chunks up to
-`--max-num-batched-tokens`; the quantized kernel serves both.
+`--max-num-batched-tokens`; the quantized kernel serves both. strata runs its own kernel only because it
+measures faster than PyTorch's at the sizes above (the issue's rule: a library's kernel wherever it pays).
 
 ## Decision
 
