@@ -141,6 +141,15 @@ def test_completions_bad_input(server, model_name):
         _assert_error(_post(server, "/v1/completions", json={"model": model_name, "max_tokens": 2} | patch), status)
 
 
+def test_responses_metadata_within_openai_limits(server, model_name):
+    """16 pairs, keys up to 64 characters, values up to 512: beyond any of them a 400 naming metadata."""
+    body = {"model": model_name, "input": "hi", "max_output_tokens": 1, "store": False}
+    at_limits = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
+    assert _post(server, "/v1/responses", json=body | {"metadata": at_limits}).status_code == 200
+    for metadata in ({str(i): "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
+        _assert_error(_post(server, "/v1/responses", json=body | {"metadata": metadata}), 400, "metadata")
+
+
 def test_unknown_route_and_method(server):
     _assert_error(httpx.get(server.base_url + "/v1/nothing-here"), 404)
     _assert_error(httpx.get(server.base_url + "/v1/chat/completions"), 405)

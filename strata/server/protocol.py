@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOPS = 16
 MAX_STOP_CHARS = 512
 MAX_LOGIT_BIAS = 300
+# OpenAI's limits on an object's metadata: 16 pairs, keys up to 64 characters, values up to 512.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
 INT64 = 2**63
 
 
@@ -292,3 +296,17 @@ class ResponsesRequest(_Body):
     stream: bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return None
+        if len(v) > MAX_METADATA_PAIRS:
+            raise ValueError(f"metadata holds at most {MAX_METADATA_PAIRS} pairs")
+        for key, value in v.items():
+            if len(key) > MAX_METADATA_KEY:
+                raise ValueError(f"metadata keys are at most {MAX_METADATA_KEY} characters")
+            if len(value) > MAX_METADATA_VALUE:
+                raise ValueError(f"metadata values are at most {MAX_METADATA_VALUE} characters")
+        return v
