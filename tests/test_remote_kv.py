@@ -94,6 +94,19 @@ def test_a_session_moves_between_servers_through_the_shared_tier(tmp_path: Path)
             _, cached, tier = _turn(c, fresh, "second")
             assert tier == "none" and cached < 32
 
+            # A value larger than any chunk of this layout is refused before it is read into a file.
+            third = [{"role": "user", "content": TURNS[1]}]
+            _turn(_client(procs["a"], "key-b"), third, "third")
+            _uploaded(procs["a"])
+            before = set(r.keys("strata:*"))
+            oversize = 'strata_kv_remote_total{event="chunks_discarded_oversize"}'
+            for key in before:
+                r.set(key, b"\0" * (64 << 20))
+            third += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": TURNS[2]}]
+            _, cached, tier = _turn(c, third, "third")
+            assert tier == "none" and cached < 32
+            assert procs["b"].metric(oversize) == 1
+
             # redis goes away mid-run: every request is still answered, from what each server holds.
             store.stop()
             msgs.append({"role": "assistant", "content": answer})

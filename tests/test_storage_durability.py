@@ -3,6 +3,7 @@ killed with SIGKILL in the middle of saving. Nothing wrong may ever be served.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -17,7 +18,7 @@ import torch
 
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
-from strata.storage.chunk_file import ChunkLayout, validate_file
+from strata.storage.chunk_file import ChunkLayout, read_header, validate_file
 from strata.storage.kv_store import KVLoadError, KVStore
 from strata.storage.ssd_scan import file_stem
 from tests.kv_load import load_kv
@@ -104,6 +105,26 @@ def test_flipped_header_byte_is_discarded(stored):
     assert store.stats()["corrupt_chunks_discarded"] == 1
     assert store.lookup("t:a", ids) == (0, None)
     assert chunk_files(ssd) == []
+    store.close()
+
+
+@pytest.mark.parametrize("field,value", [("token_ids", ["a"] * 32), ("token_ids", [-1] * 32),
+                                         ("start", "0"), ("session_key", 7), ("layer_crc", [True] * L)])
+def test_header_of_wrong_types_is_discarded(stored, field, value):
+    """A header whose CRC holds but whose fields are of the wrong type (a crafted or foreign file): discarded
+    at start-up like a corrupt one, never a crash or a served chunk."""
+    ssd, ids, kv = stored
+    path = chunk_files(ssd)[0]
+    data = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header, offset = read_header(fd, dataclasses.replace(LAYOUT, fingerprint="model-a"), len(data))
+    finally:
+        os.close(fd)
+    path.write_bytes(dataclasses.replace(header, **{field: value}).encode() + data[offset:])
+    store = open_store(make_pool(), ssd)
+    assert store.stats()["corrupt_chunks_discarded"] == 1
+    assert store.lookup("t:a", ids) == (0, None)
     store.close()
 
 

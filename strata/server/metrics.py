@@ -124,11 +124,13 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
                             value=st.get("sessions", 0.0))
     remote = CounterMetricFamily("strata_kv_remote", "The shared KV tier (--remote-kv): chunks uploaded, uploads "
                                  "dropped (queue full or remote down), sessions imported, tokens imported, calls "
-                                 "skipped while it was down, errors", labels=["event"])
+                                 "skipped while it was down, errors, chunks refused on import", labels=["event"])
     for event, key in (("uploads", "remote_uploads"), ("uploads_dropped", "remote_uploads_dropped"),
                        ("imports", "remote_imports"), ("tokens_imported", "tokens_imported_remote"),
                        ("skipped_down", "remote_skipped_down"), ("errors", "remote_errors")):
         remote.add_metric([event], st.get(key, 0.0))
+    for key in sorted(k for k in st if k.startswith("remote_chunks_discarded_")):  # by reason: checksum, oversize...
+        remote.add_metric([key.removeprefix("remote_")], st[key])
     yield remote
     yield GaugeMetricFamily("strata_kv_remote_upload_queue", "Chunks waiting to be uploaded to the shared tier",
                             value=st.get("remote_upload_queue", 0.0))

@@ -29,6 +29,7 @@ import torch
 
 MAGIC = b"STRATAKV"
 FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20  # a header lists its tokens: 1 MiB holds far more than any chunk
 SUFFIX = ".kvc"
 TEMP_MARK = ".tmp"
 _PREFIX = struct.Struct("<8sII")
@@ -129,6 +130,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _is_int(v: object, low: int, high: int) -> bool:
+    return type(v) is int and low <= v < high  # bool is no int here
+
+
+def _wrongly_typed(h: ChunkHeader) -> str | None:
+    """The first header field whose JSON value is not of its declared type and range (a file or a remote
+    store may hold anything that passes the header CRC), or None."""
+    for name in ("fingerprint", "session_key", "prefix_hash", "dtype"):
+        if type(getattr(h, name)) is not str:
+            return name
+    for name in ("chunk_index", "start", "num_layers", "num_kv_heads", "head_dim", "version"):
+        if not _is_int(getattr(h, name), 0, 2**31):
+            return name
+    if type(h.token_ids) is not list or not all(_is_int(t, 0, 2**31) for t in h.token_ids):
+        return "token_ids"
+    if type(h.layer_crc) is not list or not all(_is_int(c, 0, 2**32) for c in h.layer_crc):
+        return "layer_crc"
+    return None
+
+
 def read_header(fd: int, layout: ChunkLayout, file_size: int) -> tuple[ChunkHeader, int]:
     """Parse and check the header of an open chunk file; returns it and the payload offset."""
     raw = os.pread(fd, _PREFIX.size, 0)
@@ -137,6 +158,8 @@ def read_header(fd: int, layout: ChunkLayout, file_size: int) -> tuple[ChunkHead
     magic, length, crc = _PREFIX.unpack(raw)
     if magic != MAGIC:
         raise ChunkError("format", "bad magic")
+    if length > MAX_HEADER_BYTES:
+        raise ChunkError("format", f"header of {length} bytes")
     body = os.pread(fd, length, _PREFIX.size)
     if len(body) < length:
         raise ChunkError("truncated", "short header")
@@ -146,6 +169,8 @@ def read_header(fd: int, layout: ChunkLayout, file_size: int) -> tuple[ChunkHead
         header = ChunkHeader(**json.loads(body))
     except (ValueError, TypeError) as e:
         raise ChunkError("format", str(e)) from e
+    if wrong := _wrongly_typed(header):
+        raise ChunkError("format", f"field {wrong}")
     if header.version != FORMAT_VERSION:
         raise ChunkError("format", f"version {header.version}")
     if header.fingerprint != layout.fingerprint:

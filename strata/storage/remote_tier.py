@@ -5,8 +5,9 @@ What goes there is exactly what the SSD tier wrote (the chunk file: header with 
 prefix hash and model fingerprint, then each layer with its CRC), uploaded after the local write on a
 thread of its own, so the forward pass never waits on it. Keys are the model fingerprint, the session's
 file stem (a hash of the tenant-scoped session key: tenants stay apart) and the chunk index. A session
-unknown to a server is imported (downloaded, each chunk validated as the start-up scan validates local
-files, written into the SSD tier) before its request is scheduled, and then served like an SSD hit.
+unknown to a server is imported (downloaded one chunk at a time, a value larger than any chunk of this
+layout refused unread, each chunk validated as the start-up scan validates local files, header field types
+included, written into the SSD tier) before its request is scheduled, and then served like an SSD hit.
 
 The remote is an optimisation, never a dependency: every call has a short timeout, an error marks the
 remote down for a while (no call at all meanwhile), uploads that do not fit the queue are dropped, and a
@@ -20,10 +21,12 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from strata.storage.chunk_file import (
+    MAX_HEADER_BYTES,
     TEMP_MARK,
     ChunkError,
     ChunkHeader,
@@ -135,22 +138,25 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ download (a local miss)
 
-    def fetch(self, stem: str) -> list[bytes]:
-        """The session's chunk files in order, up to the first missing one; [] when down or failing."""
-        if not self.available:
-            self.index.count("remote_skipped_down")
-            return []
-        try:
-            blobs = self.backend.get_many([self.key(stem, i) for i in range(MAX_CHUNKS)])
-        except Exception as e:
-            self._failed("fetch", e)
-            return []
-        out = []
-        for blob in blobs:
+    def fetch(self, stem: str, max_chunk_bytes: int) -> Iterator[bytes]:
+        """The session's chunk files in order, one at a time (memory holds one chunk), up to the first
+        missing one; a value over `max_chunk_bytes` (no chunk of this layout is that large) ends it too.
+        Nothing when the remote is down or failing."""
+        for i in range(MAX_CHUNKS):
+            if not self.available:
+                self.index.count("remote_skipped_down")
+                return
+            try:
+                (blob,) = self.backend.get_many([self.key(stem, i)])
+            except Exception as e:
+                self._failed("fetch", e)
+                return
             if blob is None:
-                break
-            out.append(bytes(blob))
-        return out
+                return
+            if len(blob) > max_chunk_bytes:
+                self.index.count("remote_chunks_discarded_oversize")
+                return
+            yield bytes(blob)
 
     def close(self, timeout: float | None) -> None:
         self.uploader.stop(timeout)
@@ -171,16 +177,13 @@ class RemoteTier:
             if key in index.entries:
                 return 0
         stem = file_stem(key)
-        blobs = self.fetch(stem)
-        if not blobs:
-            return 0
-        self.index.count("remote_fetches")
+        max_chunk_bytes = MAX_HEADER_BYTES + ssd.layout.num_layers * ssd.layout.layer_bytes(ssd.chunk_tokens)
         entry = SessionEntry(key=key, file_stem=stem)
         staged: list[tuple[Path, ChunkHeader | None, int]] = []  # temp files; header None: not usable
         try:
-            for i, blob in enumerate(blobs):
-                if common_prefix(entry.tokens, prompt_ids) < len(entry.tokens):
-                    break  # the prompt left this session's history: the rest is of no use
+            for i, blob in enumerate(self.fetch(stem, max_chunk_bytes)):
+                if i == 0:
+                    self.index.count("remote_fetches")
                 final = chunk_path(ssd.dir, stem, i)
                 tmp = final.with_name(f"{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
                 staged.append((tmp, None, len(blob)))
@@ -197,6 +200,8 @@ class RemoteTier:
                     break
                 staged[-1] = (tmp, header, len(blob))
                 entry.tokens = tokens
+                if common_prefix(entry.tokens, prompt_ids) < len(entry.tokens):
+                    break  # the prompt left this session's history: the rest is of no use
             usable = [(tmp, header, size) for tmp, header, size in staged if header is not None]
             if not usable:
                 return 0
