@@ -50,7 +50,10 @@ DOWN_FOR_S = 10.0  # after an error, the remote is left alone this long
 
 
 class RemoteBackend(Protocol):
-    def get_many(self, keys: list[str]) -> list[bytes | None]: ...
+    def get_capped(self, key: str, max_bytes: int) -> tuple[int, bytes]:
+        """(the value's size, its first `max_bytes` bytes at most); size 0: no such key."""
+        ...
+
     def put(self, key: str, value: bytes, ttl_s: float) -> None: ...
     def delete_many(self, keys: list[str]) -> None: ...
 
@@ -62,8 +65,10 @@ class RedisBackend:
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry_on_timeout=False, health_check_interval=0)
 
-    def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return self._redis.mget(keys)
+    def get_capped(self, key: str, max_bytes: int) -> tuple[int, bytes]:
+        # STRLEN and GETRANGE in one transaction: an oversized value never crosses the network.
+        size, head = self._redis.pipeline(transaction=True).strlen(key).getrange(key, 0, max_bytes - 1).execute()
+        return int(size), bytes(head)
 
     def put(self, key: str, value: bytes, ttl_s: float) -> None:
         self._redis.set(key, value, ex=max(1, int(ttl_s)))
@@ -147,16 +152,16 @@ class RemoteTier:
                 self.index.count("remote_skipped_down")
                 return
             try:
-                (blob,) = self.backend.get_many([self.key(stem, i)])
+                size, blob = self.backend.get_capped(self.key(stem, i), max_chunk_bytes)
             except Exception as e:
                 self._failed("fetch", e)
                 return
-            if blob is None:
+            if size == 0:
                 return
-            if len(blob) > max_chunk_bytes:
+            if size > max_chunk_bytes:
                 self.index.count("remote_chunks_discarded_oversize")
                 return
-            yield bytes(blob)
+            yield blob
 
     def close(self, timeout: float | None) -> None:
         self.uploader.stop(timeout)
