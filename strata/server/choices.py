@@ -53,7 +53,9 @@ def engine_error(e: Exception) -> APIError:
     if isinstance(e, RequestRejected):
         return bad_request(str(e))
     if isinstance(e, EngineOverloaded):
-        return APIError(503, f"The server is overloaded: {e}. Retry later.", type="server_error",
+        # 429, not 503: a full queue is momentary and this pod is healthy, so the router retries the request
+        # on another pod without marking this one down (503 stays for not ready, draining and dead).
+        return APIError(429, f"The server is overloaded: {e}. Retry later.", type="server_error",
                         code="overloaded", headers={"Retry-After": "1"})
     if isinstance(e, EngineDead):
         return APIError(503, str(e), type="server_error", code="engine_unavailable",
