@@ -29,7 +29,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024,
                    help="token budget of one engine step; longer prompts are prefilled in chunks")
     p.add_argument("--max-queue", type=int, default=1024,
-                   help="waiting requests beyond this are refused with 503 and Retry-After")
+                   help="waiting requests beyond this are refused with 429 and Retry-After")
     p.add_argument("--no-session-cache", action="store_true",
                    help="turn KV reuse off (session tiers and the device prefix cache): every request "
                         "recomputes its whole prompt")

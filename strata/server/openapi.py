@@ -178,8 +178,9 @@ _ERRORS = {
     404: "unknown model, or (responses) unknown response id",
     413: "body larger than --max-body-bytes",
     415: "body not application/json",
+    429: "overloaded: more than --max-queue requests waiting; retry (elsewhere) after Retry-After",
     500: "a bug",
-    503: "loading, overloaded or the engine stopped (with Retry-After)",
+    503: "loading or the engine stopped (with Retry-After)",
 }
 
 
