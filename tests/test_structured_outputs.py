@@ -4,6 +4,7 @@ schema (checked by jsonschema), the regex or the choice; streamed equals non-str
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import jsonschema
@@ -38,6 +39,7 @@ def _schema_format(schema: dict, strict: bool = True) -> dict:
 def test_nested_schema_holds_on_many_seeds_at_temperature_one(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=ASK, max_tokens=160, temperature=1.0, seed=1,
                                        n=10, response_format=_schema_format(PERSON))
+    assert len(r.choices) == 10
     for c in r.choices:  # n choices: n seeds
         assert c.finish_reason == "stop", c.message.content
         jsonschema.validate(json.loads(c.message.content), PERSON)
@@ -46,6 +48,7 @@ def test_nested_schema_holds_on_many_seeds_at_temperature_one(client, model_name
 def test_json_object(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=ASK, max_tokens=120, temperature=1.0, seed=3,
                                        n=4, response_format={"type": "json_object"})
+    assert len(r.choices) == 4
     for c in r.choices:
         if c.finish_reason == "stop":
             assert isinstance(json.loads(c.message.content), dict)
@@ -58,15 +61,18 @@ def test_regex_choice_and_grammar(client, model_name):
     msgs = [{"role": "user", "content": "Give me an order code."}]
     r = client.chat.completions.create(model=model_name, messages=msgs, max_tokens=20, temperature=1.0, seed=4,
                                        n=6, extra_body={"structured_outputs": {"regex": r"[A-Z]{2}-[0-9]{3}"}})
+    assert len(r.choices) == 6
     assert all(re.fullmatch(r"[A-Z]{2}-[0-9]{3}", c.message.content) for c in r.choices)
     choices = ["positive", "negative", "neutral"]
     r = client.chat.completions.create(
         model=model_name, messages=[{"role": "user", "content": "Sentiment of: I love this!"}], max_tokens=10,
         temperature=1.0, seed=5, n=6, extra_body={"structured_outputs": {"choice": choices}})
+    assert len(r.choices) == 6
     assert all(c.message.content in choices and c.finish_reason == "stop" for c in r.choices)
     r = client.chat.completions.create(
         model=model_name, messages=msgs, max_tokens=10, temperature=1.0, seed=6, n=4,
         extra_body={"structured_outputs": {"grammar": 'root ::= "yes" | "no" | "maybe " [0-9]'}})
+    assert len(r.choices) == 4
     assert all(re.fullmatch(r"yes|no|maybe [0-9]", c.message.content) for c in r.choices)
 
 
@@ -74,6 +80,7 @@ def test_streamed_n3_equals_non_streamed(client, model_name):
     kw = dict(model=model_name, messages=ASK, max_tokens=160, temperature=1.0, seed=11, n=3,
               response_format=_schema_format(PERSON))
     whole = client.chat.completions.create(**kw)
+    assert len(whole.choices) == 3
     parts = ["", "", ""]
     finish = [None, None, None]
     for chunk in client.chat.completions.create(stream=True, **kw):
@@ -87,12 +94,36 @@ def test_streamed_n3_equals_non_streamed(client, model_name):
 
 
 def test_logprobs_follow_the_grammar(client, model_name):
-    r = client.chat.completions.create(model=model_name, messages=ASK, max_tokens=160, temperature=0, logprobs=True,
-                                       top_logprobs=2, response_format=_schema_format(PERSON))
-    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    # A regex with one match: at each step the grammar allows exactly the tokens that are a prefix of what is
+    # left of it, and once it is written, only a stop token. Logprobs are those of the masked distribution.
+    target = "Paris, France"
+    r = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Capital of France?"}], max_tokens=20,
+        temperature=0, logprobs=True, top_logprobs=20, extra_body={"structured_outputs": {"regex": target}})
+    assert r.choices[0].message.content == target
     content = r.choices[0].logprobs.content
-    assert "".join(t.token for t in content).startswith(r.choices[0].message.content)  # then the stop token
-    assert all(t.logprob > -1e9 for t in content)
+    assert "".join(t.token for t in content[:-1]) == target  # then the stop token
+    written = ""
+    forced = 0
+    for step in content:
+        left = target[len(written):]
+        # Fewer than 20 tokens are allowed at each step (at most one per prefix of `left`): all of them
+        # are in top_logprobs, the rest of which the grammar forbids.
+        if left:
+            is_allowed = [bool(t.token) and left.startswith(t.token) for t in step.top_logprobs]
+        else:  # all of it is written: only the stop token, the one picked, may follow
+            is_allowed = [i == 0 for i in range(len(step.top_logprobs))]
+        allowed = [t for t, ok in zip(step.top_logprobs, is_allowed, strict=True) if ok]
+        forbidden = [t for t, ok in zip(step.top_logprobs, is_allowed, strict=True) if not ok]
+        assert step.token in [t.token for t in allowed]
+        assert forbidden and all(t.logprob == -9999.0 for t in forbidden), (left, step.top_logprobs)
+        assert all(t.logprob > -9999.0 for t in allowed), (left, step.top_logprobs)
+        assert sum(math.exp(t.logprob) for t in allowed) == pytest.approx(1.0, abs=1e-3), (left, step.top_logprobs)
+        if len(allowed) == 1:  # a forced token has all the mass
+            forced += 1
+            assert step.logprob == pytest.approx(0.0, abs=1e-4)
+        written += step.token
+    assert forced >= 1  # at least the stop token
 
 
 def test_completions_and_sessions_and_skipping(client, model_name):
