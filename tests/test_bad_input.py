@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -102,11 +103,16 @@ def test_chat_bad_input(server, model_name, name, patch, status, param):
 
 
 def test_too_long_prompt_says_limit_and_count(server, model_name):
-    r = _post(server, "/v1/chat/completions", json={"model": model_name, "messages": [
-        {"role": "user", "content": LONG}]})
-    err = _assert_error(r, 400)
+    messages = [{"role": "user", "content": LONG}]
+    # The server's own count of the templated prompt, and its context limit, as /tokenize reports them.
+    tokenized = _post(server, "/tokenize", json={"model": model_name, "messages": messages})
+    assert tokenized.status_code == 200, tokenized.text
+    count, limit = tokenized.json()["count"], tokenized.json()["max_model_len"]
+    assert count > limit
+    err = _assert_error(_post(server, "/v1/chat/completions", json={"model": model_name, "messages": messages}), 400)
     assert err["code"] == "context_length_exceeded"
-    assert "8192" in err["message"] and "9" in err["message"]
+    # The message names exactly these two numbers: the limit, then the prompt's tokens.
+    assert [int(n) for n in re.findall(r"[0-9]+", err["message"])] == [limit, count], err["message"]
 
 
 def test_malformed_json(server):
