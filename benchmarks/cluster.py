@@ -38,7 +38,7 @@ from openai import OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "deploy"))
-from cluster import Cluster, RedisServer  # noqa: E402
+from cluster import Cluster, RedisServer, answered_by  # noqa: E402
 
 DOC = REPO / "docs" / "deploy.md"
 SECTION = "## Measured (make bench-cluster)"
@@ -79,7 +79,7 @@ def one_turn(client: OpenAI, model: str, session: int, messages: list[dict], aff
             parts.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             cached = chunk.usage.prompt_tokens_details.cached_tokens or 0
-    upstream = raw.headers.get("x-strata-upstream", "").split(", ")[-1]
+    upstream = answered_by(raw.headers.get("x-strata-upstream", ""))
     return "".join(parts), Turn(session, len(messages) // 2, ttft or time.perf_counter() - t0, cached, upstream)
 
 
@@ -87,7 +87,8 @@ def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Pa
         shared: bool) -> RunResult:
     store = RedisServer(workdir / f"{name.replace(' ', '-')}-redis") if shared else None
     flags = ["--kv-cache-gb", str(args.kv_cache_gb), "--dtype", args.dtype]
-    cluster = Cluster(workdir / name.replace(" ", "-"), flags + (["--remote-kv", store.url] if store else []))
+    cluster = Cluster(workdir / name.replace(" ", "-"), flags + (["--remote-kv", store.url] if store else []),
+                      upstream_header=True)
     result = RunResult(name)
     try:
         log(f"{name}: starting {args.instances} servers and nginx")

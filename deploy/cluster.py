@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def answered_by(upstream_header: str) -> str:
+    """The server that answered, from X-Strata-Upstream: nginx lists the servers tried, ", " between retries
+    on one ring and " : " before the spill ring's."""
+    return re.split(r", | : ", upstream_header)[-1]
 
 
 def nginx_binary() -> str:
@@ -83,6 +90,7 @@ class Cluster:
     workdir: Path
     strata_args: list[str] = field(default_factory=list)
     router_port: int = 0
+    upstream_header: bool = False  # X-Strata-Upstream in the router's answers (tests, debugging)
     instances: list[Instance] = field(default_factory=list)
     _nginx: subprocess.Popen | None = None
 
@@ -146,7 +154,7 @@ class Cluster:
     def _write_router(self) -> None:
         runtime = self.workdir / "nginx"
         conf = runtime / "nginx.conf"
-        conf.write_text(local([i.port for i in self.instances], self.router_port, runtime))
+        conf.write_text(local([i.port for i in self.instances], self.router_port, runtime, self.upstream_header))
         if self._nginx is None:
             stderr = open(runtime / "stderr.log", "ab")  # noqa: SIM115 (the process owns it)
             self._nginx = subprocess.Popen([nginx_binary(), "-c", str(conf), "-e", str(runtime / "error.log"),
@@ -189,10 +197,12 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=3)
     ap.add_argument("--port", type=int, default=8000, help="the router's port")
     ap.add_argument("--workdir", type=Path, default=Path(".cluster"))
+    ap.add_argument("--upstream-header", action="store_true",
+                    help="the router answers with X-Strata-Upstream (the servers tried)")
     ap.add_argument("strata_args", nargs=argparse.REMAINDER, help="after --: flags for every strata server")
     args = ap.parse_args()
     extra = args.strata_args[1:] if args.strata_args[:1] == ["--"] else args.strata_args
-    cluster = Cluster(args.workdir.resolve(), extra, args.port)
+    cluster = Cluster(args.workdir.resolve(), extra, args.port, args.upstream_header)
     try:
         print(f"starting {args.instances} strata servers ...", flush=True)
         cluster.add(args.instances)

@@ -27,8 +27,14 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+# Seconds an idle kept-alive connection stays open. Longer than the router's upstream keepalive_timeout
+# (60 s, deploy/nginx/router.conf.template), so the proxy always closes an idle connection first and never
+# sends a request on one the server is closing (uvicorn's default, 5 s, raced nginx's 60 s).
+KEEP_ALIVE_S = 75
+
+
 def run_http(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
     """Serve until SIGTERM: stop accepting, let in-flight requests finish (up to the timeout), exit 0."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=int(shutdown_timeout))
     _Server(config).run()
