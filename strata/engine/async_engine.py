@@ -9,6 +9,10 @@ alone (LLMEngine.step), a failed forward pass ends the requests of that batch,
 and only repeated failures, or anything that ends the thread, mark the engine
 dead: then every open request ends with an error at once, new ones get 503 and
 /health says why.
+
+It is the server's one door to the engine: besides generate and abort it names what the server may read
+(tokenizer, grammars, context limit, skip checks) and the session admin it may do, so that nothing above
+reaches into LLMEngine. The errors the server maps are EngineOverloaded, EngineDead and RequestRejected.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from strata.engine.config import EngineConfig
+from strata.engine.grammar import GrammarCompiler
 from strata.engine.llm_engine import LLMEngine, RequestRejected
-from strata.engine.request import Request, RequestOutput
+from strata.engine.request import Request, RequestOutput, SkipRequest
 from strata.engine.stats import EngineSnapshot
+from strata.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +52,7 @@ class EngineDead(RuntimeError):
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+        self._engine = engine
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._streams_lock = threading.Lock()
@@ -69,6 +76,11 @@ class AsyncEngine:
         if not self._started:
             return "starting"
         return self.dead_reason or "the engine thread ended"
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> AsyncEngine:
+        """Load the model and build its engine (seconds to minutes); start() runs it."""
+        return cls(LLMEngine(config))
 
     def start(self) -> None:
         self._started = True
@@ -116,10 +128,10 @@ class AsyncEngine:
     def check_admission(self) -> None:
         if not self.alive:
             raise EngineDead(f"the engine is not running: {self.status}")
-        if self.snapshot.waiting >= self.engine.config.max_queue:
+        if self.snapshot.waiting >= self._engine.config.max_queue:
             raise EngineOverloaded("too many requests are waiting")
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread (which owns the engine) and return its result."""
         if not self.alive:
             raise EngineDead(f"the engine is not running: {self.status}")
@@ -128,7 +140,7 @@ class AsyncEngine:
 
         def run() -> None:
             try:
-                result = fn(self.engine)
+                result = fn(self._engine)
             except Exception as e:
                 loop.call_soon_threadsafe(future.set_exception, e)
             else:
@@ -136,6 +148,57 @@ class AsyncEngine:
 
         self._post("call", run)
         return await future
+
+    # ------------------------------------------------------------------ what the server reads
+    # Fixed once the model is loaded, so any thread may read them (the server tokenizes off the event loop).
+
+    @property
+    def model_name(self) -> str:
+        return self._engine.files.name
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._engine.tokenizer
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        return self._engine.grammars
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence (prompt and completion) one request may hold."""
+        return self._engine.context_limit
+
+    def check_skip(self, spec: SkipRequest) -> None:
+        """Raise SkipRejected unless the engine can serve this skip request."""
+        self._engine.check_skip(spec)
+
+    # ------------------------------------------------------------------ session admin
+
+    async def list_sessions(self, prefix: str) -> list[str]:
+        """Keys of the stored sessions (any tier) that start with `prefix`."""
+        return await self._call(lambda e: e.list_sessions(prefix))
+
+    async def session_info(self, key: str) -> dict[str, Any] | None:
+        """Where a session's KV is and how much of it; None when nothing is stored."""
+        return await self._call(lambda e: e.session_info(key))
+
+    async def pin_session(self, key: str, seconds: float) -> bool:
+        """Keep a session's KV for `seconds` whatever the eviction policy; False when it is not stored."""
+        return await self._call(lambda e: e.pin_session(key, seconds))
+
+    async def delete_session(self, key: str) -> bool:
+        """Forget a session's KV in every tier; False when nothing was stored."""
+        return await self._call(lambda e: e.delete_session(key))
+
+    async def import_remote_session(self, key: str, prompt_ids: list[int]) -> int:
+        """Bring a session this server does not hold in from the shared KV tier (--remote-kv), before its
+        request is scheduled. On a thread of its own, neither the event loop nor the engine's: the import is
+        bounded by the remote's timeouts, and a remote that is down costs that once (then it is left alone a
+        while) and the history is recomputed. Tokens imported; 0 without a shared tier."""
+        if not self._engine.has_remote_tier:
+            return 0
+        return await asyncio.to_thread(self._engine.import_remote_session, key, prompt_ids)
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
@@ -165,12 +228,12 @@ class AsyncEngine:
             try:
                 if kind == "add":
                     try:
-                        self.engine.add_request(item)
+                        self._engine.add_request(item)
                     except RequestRejected as e:
                         self._deliver(RequestOutput(item.request_id, [], "", [], len(item.prompt_ids), 0,
                                                     finished=True, finish_reason="rejected", error=str(e)))
                 elif kind == "abort":
-                    self.engine.abort(item)
+                    self._engine.abort(item)
                 elif kind == "call":
                     item()
             except Exception as e:  # one bad item ends its own request, never the loop
@@ -181,11 +244,11 @@ class AsyncEngine:
 
     def _step(self) -> list[RequestOutput]:
         try:
-            outputs = self.engine.step()
+            outputs = self._engine.step()
         except Exception as e:
             self._failures += 1
             log.exception("engine step failed (%d in a row)", self._failures)
-            outputs = self.engine.fail_batch(f"internal error: {e}")
+            outputs = self._engine.fail_batch(f"internal error: {e}")
             if self._failures >= MAX_STEP_FAILURES:
                 for out in outputs:
                     self._deliver(out)
@@ -195,7 +258,7 @@ class AsyncEngine:
         return outputs
 
     def _publish(self, now: float) -> None:
-        self.snapshot = self.engine.snapshot(len(self._streams))
+        self.snapshot = self._engine.snapshot(len(self._streams))
         self._published = now
 
     def _loop(self) -> None:
@@ -208,17 +271,17 @@ class AsyncEngine:
                 now = time.monotonic()
                 self.heartbeat = now
                 self._drain_inbox()
-                if not self.engine.has_work():
+                if not self._engine.has_work():
                     self._publish(now)
                     self._wake.wait(timeout=IDLE_WAIT_S)
                     continue
-                steps = self.engine.stats.steps
+                steps = self._engine.stats.steps
                 outputs = self._step()
                 for out in outputs:
                     self._deliver(out)
                 if now - self._published >= SNAPSHOT_EVERY_S:
                     self._publish(now)
-                if self.engine.stats.steps == steps and not outputs:
+                if self._engine.stats.steps == steps and not outputs:
                     self._wake.wait(timeout=STALLED_WAIT_S)
         except BaseException as e:  # noqa: BLE001 -- whatever ends the thread must be said and answered
             reason = f"the engine failed: {e!r}"
@@ -230,7 +293,7 @@ class AsyncEngine:
         """The engine thread is ending: refuse new work, end every open request, then write back the tiers."""
         self.dead_reason = reason
         try:
-            for out in self.engine.fail_all(reason):
+            for out in self._engine.fail_all(reason):
                 self._deliver(out)
         except Exception:
             log.exception("ending the engine's requests failed")
@@ -239,7 +302,7 @@ class AsyncEngine:
         for rid in orphans:  # whatever the engine lost track of
             self._deliver(RequestOutput(rid, [], "", [], 0, 0, finished=True, finish_reason="error", error=reason))
         try:
-            self.snapshot = self.engine.snapshot(len(self._streams))
-            self.engine.close()
+            self.snapshot = self._engine.snapshot(len(self._streams))
+            self._engine.close()
         except Exception:
             log.exception("closing the engine failed")

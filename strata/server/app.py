@@ -18,7 +18,6 @@ from starlette.requests import ClientDisconnect
 
 from strata import __version__
 from strata.engine.async_engine import AsyncEngine
-from strata.engine.llm_engine import LLMEngine
 from strata.engine.tokenizer import ChatTemplateError, InvalidText, Tokenizer
 from strata.server.chat import chat_completions
 from strata.server.completions import completions
@@ -57,9 +56,8 @@ OFF_LOOP_BODY = 64 * 2**10  # bodies larger than this are parsed and validated o
 
 def _load_engine(state: ServerState) -> None:
     try:
-        engine = LLMEngine(state.settings.engine)
-        state.model_name = state.model_name or engine.files.name
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine.load(state.settings.engine)
+        state.model_name = state.model_name or ae.model_name
         ae.start()
         state.engine = ae
         log.info("ready: serving %s", state.model_name)
@@ -215,7 +213,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     def _model_card() -> dict[str, Any]:
         ae = state.ready_engine()
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "strata",
-                "max_model_len": ae.engine.context_limit}
+                "max_model_len": ae.context_limit}
 
     @app.get("/v1/models")
     async def _models() -> dict[str, Any]:
@@ -232,7 +230,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     async def _tokenize(request: Request) -> Response:
         body = await read_body(request, TokenizeRequest, limit)
         state.check_model(body.model)
-        engine = state.ready_engine().engine
+        engine = state.ready_engine()
         return await off_loop(_tokenized, body, engine.tokenizer, engine.context_limit)
 
     @app.post("/detokenize", response_model=None, openapi_extra=request_body(DetokenizeRequest),
@@ -240,7 +238,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     async def _detokenize(request: Request) -> Response:
         body = await read_body(request, DetokenizeRequest, limit)
         state.check_model(body.model)
-        return await off_loop(_detokenized, body, state.ready_engine().engine.tokenizer)
+        return await off_loop(_detokenized, body, state.ready_engine().tokenizer)
 
     app.include_router(session_router(state))
     add_request_schemas(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,

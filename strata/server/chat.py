@@ -102,8 +102,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, head
                            ) -> JSONResponse | EventStream:
     state.check_model(body.model)
     engine = state.ready_engine()
-    tok = engine.engine.tokenizer
-    prep = await off_loop(prepare_chat, state, body, tok, engine.engine.context_limit, engine.engine.grammars)
+    tok = engine.tokenizer
+    prep = await off_loop(prepare_chat, state, body, tok, engine.context_limit, engine.grammars)
     prompt, params, truncation, dropped = prep.prompt, prep.params, prep.truncation, prep.dropped
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
     skip = skip_request(state, body.skip, headers)
@@ -163,7 +163,7 @@ def _finish_reason(reason: str | None, called: bool, plan: ToolPlan | None) -> s
 async def _stream(state: ServerState, rid: str, created: int, prompt_tokens: int,
                   outputs: AsyncIterator[tuple[int, RequestOutput]], first: tuple[int, RequestOutput],
                   include_usage: bool, logprobs: bool, n: int, plan: ToolPlan | None) -> AsyncIterator[str]:
-    tok = state.ready_engine().engine.tokenizer
+    tok = state.ready_engine().tokenizer
     base: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
                             "model": state.model_name, "system_fingerprint": None}
     if include_usage:

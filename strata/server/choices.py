@@ -7,12 +7,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from strata.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
-from strata.engine.llm_engine import RequestRejected
+from strata.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestRejected
 from strata.engine.request import Request, RequestOutput, SkipReport, SkipRequest, TokenLogprob
 from strata.engine.sampling_params import SamplingParams
 from strata.server.errors import APIError, bad_request
-from strata.server.offload import off_loop
 
 
 @dataclass
@@ -67,8 +65,8 @@ async def fetch_shared_history(engine: AsyncEngine, key: str | None, prompt: lis
     """A session this server does not hold may be in the shared KV tier (--remote-kv, another server served
     it before): bring it in before the request is scheduled. Off the event loop; a remote that is down or
     slow costs only its timeout once (then it is left alone a while) and the history is recomputed."""
-    if key and engine.engine.has_remote_tier:
-        await off_loop(engine.engine.import_remote_session, key, prompt)
+    if key:
+        await engine.import_remote_session(key, prompt)
 
 
 def admit(engine: AsyncEngine) -> None:

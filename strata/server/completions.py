@@ -88,9 +88,8 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
     if body.echo and body.logprobs is not None:
         raise bad_request("echo with logprobs (prompt logprobs) is not supported", param="echo")
     engine = state.ready_engine()
-    tok = engine.engine.tokenizer
-    prompts, all_prompts, params, echo = await off_loop(_prepare, body, tok, engine.engine.context_limit,
-                                                        engine.engine.grammars)
+    tok = engine.tokenizer
+    prompts, all_prompts, params, echo = await off_loop(_prepare, body, tok, engine.context_limit, engine.grammars)
     key = session_key(headers, tenant, body.prompt_cache_key, body.user)
     skip = skip_request(state, body.skip, headers)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -129,7 +128,7 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
 async def _stream(state: ServerState, rid: str, created: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
                   first: tuple[int, RequestOutput], params: list[SamplingParams], include_usage: bool,
                   echo: list[str], prompt_tokens: int) -> AsyncIterator[str]:
-    tok = state.ready_engine().engine.tokenizer
+    tok = state.ready_engine().tokenizer
     base: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
                             "model": state.model_name, "system_fingerprint": None}
     if include_usage:

@@ -132,8 +132,8 @@ class Responses:
         messages = history + _input_messages(body)
         chat = _chat_request(body, messages)
         engine = state.ready_engine()
-        prep: PreparedChat = await off_loop(prepare_chat, state, chat, engine.engine.tokenizer,
-                                            engine.engine.context_limit, engine.engine.grammars)
+        prep: PreparedChat = await off_loop(prepare_chat, state, chat, engine.tokenizer, engine.context_limit,
+                                            engine.grammars)
         # The chain's first response names the session, unless the client names one itself.
         key = session_key(headers, tenant, f"resp_{root}", None)
         await fetch_shared_history(engine, key, prep.prompt)

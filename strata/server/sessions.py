@@ -19,13 +19,13 @@ def session_router(state: ServerState) -> APIRouter:
     @router.get("/v1/sessions")
     async def _list(request: Request) -> dict[str, Any]:
         prefix = f"{request.state.tenant}/"
-        keys = await state.ready_engine().call(lambda e: e.list_sessions(prefix))
+        keys = await state.ready_engine().list_sessions(prefix)
         return {"object": "list", "data": [{"id": k[len(prefix):], "object": "session"} for k in keys]}
 
     @router.get("/v1/sessions/{session_id}")
     async def _get(request: Request, session_id: str) -> dict[str, Any]:
         key = _key(request, session_id)
-        info = await state.ready_engine().call(lambda e: e.session_info(key))
+        info = await state.ready_engine().session_info(key)
         if info is None:
             raise APIError(404, f"No stored session {session_id!r}.", param="session_id", code="session_not_found")
         info.pop("session_key", None)
@@ -41,7 +41,7 @@ def session_router(state: ServerState) -> APIRouter:
             raise APIError(400, "Body must be a JSON object like {\"seconds\": 600}.", param="seconds") from e
         if not 0 <= seconds <= 30 * 86400:
             raise APIError(400, "seconds must be between 0 and 2592000.", param="seconds")
-        found = await state.ready_engine().call(lambda e: e.pin_session(key, seconds))
+        found = await state.ready_engine().pin_session(key, seconds)
         if not found:
             raise APIError(404, f"No stored session {session_id!r}.", param="session_id", code="session_not_found")
         return {"id": session_id, "object": "session.pinned", "seconds": seconds}
@@ -49,7 +49,7 @@ def session_router(state: ServerState) -> APIRouter:
     @router.delete("/v1/sessions/{session_id}")
     async def _delete(request: Request, session_id: str) -> dict[str, Any]:
         key = _key(request, session_id)
-        deleted = await state.ready_engine().call(lambda e: e.delete_session(key))
+        deleted = await state.ready_engine().delete_session(key)
         if not deleted:
             raise APIError(404, f"No stored session {session_id!r}.", param="session_id", code="session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}

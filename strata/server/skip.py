@@ -30,7 +30,7 @@ def skip_request(state: ServerState, field: SkipField | None, headers: Headers) 
     else:
         return None
     try:
-        state.ready_engine().engine.check_skip(spec)
+        state.ready_engine().check_skip(spec)
     except SkipRejected as e:
         # A bad count from the header is the header's fault; anything else (mode, profile) the body's.
         param = param_of if param_of and e.param == "skip.sublayers" else e.param
