@@ -31,9 +31,10 @@ services:
 	@(command -v nginx || test -x /usr/sbin/nginx) >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 \
 		|| sh deploy/install_services.sh
 
-# N strata servers behind the session-affine nginx router on one machine (ARGS: flags for every server).
+# N strata servers behind the session-affine nginx router on one machine (ARGS: flags for every server;
+# REMOTE=1: with a local shared KV tier).
 cluster: $(STAMP) services
-	$(PY) deploy/cluster.py --instances $(or $(N),3) -- $(ARGS)
+	$(PY) deploy/cluster.py --instances $(or $(N),3) $(if $(REMOTE),--shared-tier) -- $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -87,7 +87,7 @@ def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Pa
         shared: bool) -> RunResult:
     store = RedisServer(workdir / f"{name.replace(' ', '-')}-redis") if shared else None
     flags = ["--kv-cache-gb", str(args.kv_cache_gb), "--dtype", args.dtype]
-    cluster = Cluster(workdir / name.replace(" ", "-"), flags + (["--remote-kv", store.url] if store else []),
+    cluster = Cluster(workdir / name.replace(" ", "-"), flags + (store.strata_args() if store else []),
                       upstream_header=True)
     result = RunResult(name)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -49,28 +51,71 @@ def nginx_binary() -> str:
 
 class RedisServer:
     """Debian's redis-server on a loopback port, nothing persisted (the shared KV tier of the tests and of
-    `make cluster REMOTE=1`)."""
+    `make cluster REMOTE=1`), set up as in production: TLS only (a CA and a server certificate made here
+    with openssl), a password, and a signing key for the chunks; ``strata_args()`` hands them to strata
+    through files, never through argv."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind",
-             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-            stdout=open(directory / "redis.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        self.url = f"rediss://127.0.0.1:{self.port}/0"
+        self.password = secrets.token_urlsafe(24)
+        self.ca_file = directory / "ca.crt"
+        self.password_file = _secret_file(directory / "redis-password", self.password)
+        self.signing_key_file = _secret_file(directory / "signing-key", secrets.token_urlsafe(48))
+        _make_certificates(directory)
+        conf = _secret_file(directory / "redis.conf", "\n".join([
+            "port 0", f"tls-port {self.port}", "bind 127.0.0.1", 'save ""', "appendonly no",
+            f"dir {directory}", f"tls-cert-file {directory / 'server.crt'}", f"tls-key-file {directory / 'server.key'}",
+            f"tls-ca-cert-file {self.ca_file}", "tls-auth-clients no", f"requirepass {self.password}", ""]))
+        self.proc = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", str(conf)],
+                                     stdout=open(directory / "redis.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
+            if self.proc.poll() is not None:
+                break
             time.sleep(0.1)
-        raise TimeoutError("redis-server did not start")
+        raise TimeoutError(f"redis-server did not start: {(directory / 'redis.log').read_text()[-1000:]}")
+
+    def strata_args(self) -> list[str]:
+        return ["--remote-kv", self.url, "--remote-kv-ca-file", str(self.ca_file),
+                "--remote-kv-password-file", str(self.password_file),
+                "--remote-kv-signing-key-file", str(self.signing_key_file)]
+
+    def client(self) -> Any:  # a redis.Redis (imported here: the cluster script itself needs no redis package)
+        import redis
+
+        return redis.Redis.from_url(self.url, password=self.password, ssl_ca_certs=str(self.ca_file))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def _secret_file(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def _make_certificates(directory: Path) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=strata test CA",
+            "-keyout", "ca.key", "-out", "ca.crt")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+            "-out", "server.csr")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "san.ext", "-out", "server.crt")
 
 
 @dataclass
@@ -199,10 +244,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(".cluster"))
     ap.add_argument("--upstream-header", action="store_true",
                     help="the router answers with X-Strata-Upstream (the servers tried)")
+    ap.add_argument("--shared-tier", action="store_true",
+                    help="a local redis-server (TLS, password, signed chunks) as every server's --remote-kv")
     ap.add_argument("strata_args", nargs=argparse.REMAINDER, help="after --: flags for every strata server")
     args = ap.parse_args()
     extra = args.strata_args[1:] if args.strata_args[:1] == ["--"] else args.strata_args
-    cluster = Cluster(args.workdir.resolve(), extra, args.port, args.upstream_header)
+    store = RedisServer(args.workdir.resolve() / "redis") if args.shared_tier else None
+    cluster = Cluster(args.workdir.resolve(), extra + (store.strata_args() if store else []), args.port,
+                      args.upstream_header)
     try:
         print(f"starting {args.instances} strata servers ...", flush=True)
         cluster.add(args.instances)
@@ -216,6 +265,8 @@ def main() -> None:
         pass
     finally:
         cluster.stop()
+        if store is not None:
+            store.stop()
 
 
 if __name__ == "__main__":

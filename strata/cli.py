@@ -38,8 +38,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="directory of the SSD tier (chunk files that survive restarts); unset: no SSD tier")
     p.add_argument("--ssd-kv-gb", type=float, default=8.0, help="disk budget of the SSD tier, in GiB")
     p.add_argument("--remote-kv", default=None, metavar="URL",
-                   help="a KV tier shared by several servers (redis://HOST:PORT/DB): chunks the SSD tier writes "
-                        "go there too, and a session this server lacks is fetched from it (needs --ssd-dir)")
+                   help="a KV tier shared by several servers (rediss://HOST:PORT/DB over TLS, or redis://): chunks "
+                        "the SSD tier writes go there too, and a session this server lacks is fetched from it "
+                        "(needs --ssd-dir and a signing key; no password in the URL)")
+    p.add_argument("--remote-kv-signing-key-file", default=None, metavar="PATH",
+                   help="HMAC keys of the shared tier's chunks, one per line (the first signs, all verify; at least "
+                        "32 bytes each; env STRATA_REMOTE_KV_SIGNING_KEY): only servers holding one can put KV "
+                        "there that others import")
+    p.add_argument("--remote-kv-user", default=os.environ.get("STRATA_REMOTE_KV_USERNAME"),
+                   help="Redis ACL user of the shared tier (env STRATA_REMOTE_KV_USERNAME)")
+    p.add_argument("--remote-kv-password-file", default=None, metavar="PATH",
+                   help="file holding the shared tier's password (env STRATA_REMOTE_KV_PASSWORD)")
+    p.add_argument("--remote-kv-ca-file", default=None, metavar="PATH",
+                   help="CA bundle that verifies the rediss:// server's certificate (unset: the system's)")
     p.add_argument("--eviction-policy", choices=["scheduler", "lru"], default="scheduler",
                    help="scheduler: prefetch and protect the sessions of queued requests; lru: plain LRU")
     p.add_argument("--session-ttl", type=float, default=3600.0,
@@ -80,9 +91,44 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="log verbosity")
 
 
+def _secret(path: str | None, env: str) -> str | None:
+    """A secret from a file (a mounted Kubernetes Secret) or the environment, never from argv."""
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+        except OSError as e:
+            raise SystemExit(f"strata serve: cannot read {path}: {e.strerror}") from e
+    return os.environ.get(env) or None
+
+
+def _signing_keys(args: argparse.Namespace) -> tuple[bytes, ...]:
+    from strata.storage.chunk_signing import MIN_KEY_BYTES, parse_keys
+
+    if not args.remote_kv:
+        return ()
+    keys = parse_keys(_secret(args.remote_kv_signing_key_file, "STRATA_REMOTE_KV_SIGNING_KEY") or "")
+    if not keys:
+        raise SystemExit("strata serve: --remote-kv needs a signing key (--remote-kv-signing-key-file or "
+                         "STRATA_REMOTE_KV_SIGNING_KEY): chunks in the shared tier are signed")
+    if any(len(k) < MIN_KEY_BYTES for k in keys):
+        raise SystemExit(f"strata serve: each shared-tier signing key needs at least {MIN_KEY_BYTES} bytes")
+    return tuple(keys)
+
+
 def serve(args: argparse.Namespace) -> None:
     if args.remote_kv and not args.ssd_dir:
         raise SystemExit("strata serve: --remote-kv needs --ssd-dir (the shared tier rides on the SSD tier)")
+    signing_keys = _signing_keys(args)
+    remote_password = _secret(args.remote_kv_password_file, "STRATA_REMOTE_KV_PASSWORD")
+    if args.remote_kv:
+        from urllib.parse import urlsplit
+
+        if urlsplit(args.remote_kv).password:
+            raise SystemExit("strata serve: --remote-kv must not hold a password (it would show in process "
+                             "listings): use --remote-kv-password-file or STRATA_REMOTE_KV_PASSWORD")
+        if remote_password is None:
+            logging.getLogger("strata").warning("the shared KV tier is reached without a password")
     from strata.engine.config import EngineConfig
     from strata.server.app import build_app
     from strata.server.http_server import run_http
@@ -96,6 +142,8 @@ def serve(args: argparse.Namespace) -> None:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, session_cache=not args.no_session_cache, dram_kv_gb=args.dram_kv_gb,
             ssd_dir=args.ssd_dir, ssd_kv_gb=args.ssd_kv_gb, remote_kv=args.remote_kv,
+            remote_kv_username=args.remote_kv_user, remote_kv_password=remote_password,
+            remote_kv_ca_file=args.remote_kv_ca_file, remote_kv_signing_keys=signing_keys,
             eviction_policy=args.eviction_policy,
             session_ttl_s=args.session_ttl, skip_policy=args.skip_policy, skip_sublayers=args.skip_sublayers,
             skip_mode=args.skip_mode,

@@ -1,37 +1,89 @@
-"""The shared KV tier (--remote-kv) with a real redis-server: a session served by one server continues on
-another from the shared tier (X-Cache-Tier: remote) with the output of a sessions-off server; tenants stay
-apart; corrupt remote data is never served; redis stopped mid-run costs recomputation, never an error."""
+"""The shared KV tier (--remote-kv) with a real redis-server set up as in production (TLS only, a password,
+signed chunks): a session served by one server continues on another from the shared tier (X-Cache-Tier:
+remote) with the output of a sessions-off server; tenants stay apart; corrupt, forged, malformed and oversized
+values are never served and cost neither an error nor memory; a deletion sticks on every server; a server
+without the password reads and writes nothing and still answers; redis stopped mid-run costs recomputation."""
 
 from __future__ import annotations
 
+import json
+import struct
 import sys
+import threading
 import time
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-import redis
 from openai import OpenAI
 
+from strata.storage.chunk_signing import ChunkSigner, parse_keys
 from tests.conftest import ServerProcess, started
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
 from cluster import RedisServer  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TURNS = ["Tell me about the moon.", "How far away is it?", "Could people live there?", "Why not?"]
+SEALED_HEAD = 40  # signature magic and tag before the chunk file's bytes
 
 
-def _client(srv: ServerProcess, key: str = "unused") -> OpenAI:
+class Shared:
+    def __init__(self, store: RedisServer, procs: dict[str, ServerProcess]) -> None:
+        self.store = store
+        self.procs = procs
+        self.redis = store.client()
+        self.signer = ChunkSigner(parse_keys(store.signing_key_file.read_text()))
+
+    def chunk_keys(self) -> set[bytes]:
+        return {k for k in self.redis.keys("strata:*") if not k.endswith(b":deleted")}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    tmp = tmp_path_factory.mktemp("remote")
+    store = RedisServer(tmp / "redis")
+    common = ("--kv-cache-gb", "0.1", "--api-key", "key-a,key-b", *store.strata_args())
+    procs = {
+        "a": ServerProcess(*common, "--ssd-dir", str(tmp / "a"), log=tmp / "a.log"),
+        "b": ServerProcess(*common, "--ssd-dir", str(tmp / "b"), log=tmp / "b.log"),
+        "off": ServerProcess("--kv-cache-gb", "0.1", "--no-session-cache", log=tmp / "off.log"),
+    }
+    try:
+        with started(procs):
+            yield Shared(store, procs)
+    finally:
+        store.stop()
+
+
+def _client(srv: ServerProcess, key: str = "key-a") -> OpenAI:
     return OpenAI(base_url=srv.base_url + "/v1", api_key=key, _strict_response_validation=True, max_retries=0,
                   timeout=120)
 
 
-def _turn(client: OpenAI, msgs: list[dict], session: str) -> tuple[str, int, str]:
+def _turn(client: OpenAI, msgs: list[dict], session: str, max_tokens: int = 24) -> tuple[str, int, str]:
     raw = client.chat.completions.with_raw_response.create(
-        model=client.models.list().data[0].id, messages=msgs, max_tokens=24, temperature=0,
+        model=client.models.list().data[0].id, messages=msgs, max_tokens=max_tokens, temperature=0,
         extra_headers={"X-Session-ID": session})
     reply = raw.parse()
     return (reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens,
             raw.headers["x-cache-tier"])
+
+
+def _solo(shared: Shared, msgs: list[dict]) -> str:
+    off = _client(shared.procs["off"])
+    return off.chat.completions.create(model=off.models.list().data[0].id, messages=msgs, max_tokens=24,
+                                       temperature=0).choices[0].message.content
+
+
+def _count(srv: ServerProcess, event: str) -> float:
+    try:
+        return srv.metric(f'strata_kv_remote_total{{event="{event}"}}')
+    except KeyError:
+        return 0.0
 
 
 def _uploaded(srv: ServerProcess, timeout: float = 10.0) -> None:
@@ -42,86 +94,181 @@ def _uploaded(srv: ServerProcess, timeout: float = 10.0) -> None:
     time.sleep(0.3)
 
 
-@pytest.mark.slow
-def test_a_session_moves_between_servers_through_the_shared_tier(tmp_path: Path):
-    store = RedisServer(tmp_path / "redis")
-    common = ("--kv-cache-gb", "0.1", "--api-key", "key-a,key-b", "--remote-kv", store.url)
-    procs = {
-        "a": ServerProcess(*common, "--ssd-dir", str(tmp_path / "a"), log=tmp_path / "a.log"),
-        "b": ServerProcess(*common, "--ssd-dir", str(tmp_path / "b"), log=tmp_path / "b.log"),
-        "off": ServerProcess("--kv-cache-gb", "0.1", "--no-session-cache", log=tmp_path / "off.log"),
-    }
-    try:
-        with started(procs):
-            a, b, off = _client(procs["a"], "key-a"), _client(procs["b"], "key-a"), _client(procs["off"])
-            msgs: list[dict] = []
-            for text in TURNS[:2]:  # two turns on server a
-                msgs.append({"role": "user", "content": text})
-                answer, _, _ = _turn(a, msgs, "moon")
-                msgs.append({"role": "assistant", "content": answer})
-            _uploaded(procs["a"])
-            assert procs["a"].metric('strata_kv_remote_total{event="uploads"}') > 0
+def _new_session_on_a(shared: Shared, session: str, tenant: str = "key-b") -> tuple[list[dict], set[bytes]]:
+    """One turn of a fresh session on server a, uploaded; returns its history and its keys in the store."""
+    before = shared.chunk_keys()
+    msgs = [{"role": "user", "content": TURNS[0]}]
+    answer, _, _ = _turn(_client(shared.procs["a"], tenant), msgs, session)
+    _uploaded(shared.procs["a"])
+    keys = shared.chunk_keys() - before
+    assert keys, "the session's chunks were not uploaded"
+    return msgs + [{"role": "assistant", "content": answer}, {"role": "user", "content": TURNS[1]}], keys
 
-            # Another tenant with the same session id finds nothing (keys are tenant-scoped).
-            other = _client(procs["b"], "key-b")
-            probe = msgs + [{"role": "user", "content": TURNS[2]}]
-            _, cached, tier = _turn(other, probe, "moon")
+
+def _forge(chunk: bytes, header_changes: dict | None = None) -> bytes:
+    """A chunk with every K/V value zeroed and its CRCs made valid again (what an attacker who can write to
+    the store crafts), header fields optionally replaced."""
+    magic, length, _ = struct.unpack_from("<8sII", chunk)
+    header = json.loads(chunk[16:16 + length])
+    payload = bytes(len(chunk) - 16 - length)
+    layer = len(payload) // header["num_layers"]
+    header["layer_crc"] = [zlib.crc32(payload[i * layer:(i + 1) * layer]) for i in range(header["num_layers"])]
+    header.update(header_changes or {})
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<8sII", magic, len(body), zlib.crc32(body)) + body + payload
+
+
+def _vm_hwm_kib(srv: ServerProcess) -> int:
+    for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_session_moves_between_servers_through_the_shared_tier(shared: Shared):
+    a, b = _client(shared.procs["a"]), _client(shared.procs["b"])
+    msgs: list[dict] = []
+    for text in TURNS[:2]:  # two turns on server a
+        msgs.append({"role": "user", "content": text})
+        answer, _, _ = _turn(a, msgs, "moon")
+        msgs.append({"role": "assistant", "content": answer})
+    _uploaded(shared.procs["a"])
+    assert _count(shared.procs["a"], "uploads") > 0
+
+    # Another tenant with the same session id finds nothing (keys are tenant-scoped).
+    probe = msgs + [{"role": "user", "content": TURNS[2]}]
+    _, cached, tier = _turn(_client(shared.procs["b"], "key-b"), probe, "moon")
+    assert tier == "none" and cached < 32, (tier, cached)
+
+    # The session moves to server b: its history comes from the shared tier, and the answer is a solo run's.
+    msgs.append({"role": "user", "content": TURNS[2]})
+    answer, cached, tier = _turn(b, msgs, "moon")
+    assert tier == "remote" and cached > 0, (tier, cached)
+    assert answer == _solo(shared, msgs)
+
+
+def test_a_corrupted_chunk_is_never_imported(shared: Shared):
+    msgs, keys = _new_session_on_a(shared, "corrupt")
+    for key in keys:  # one bit flipped in each of this session's chunks
+        blob = bytearray(shared.redis.get(key))
+        blob[-10] ^= 0x01
+        shared.redis.set(key, bytes(blob))
+    b = shared.procs["b"]
+    imports, refused = _count(b, "imports"), _count(b, "chunks_discarded_signature")
+    _, cached, tier = _turn(_client(b, "key-b"), msgs, "corrupt")
+    assert tier == "none" and cached < 32, (tier, cached)
+    assert _count(b, "imports") == imports
+    assert _count(b, "chunks_discarded_signature") == refused + 1
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "signed with another key"])
+def test_a_forged_chunk_with_valid_crcs_is_never_imported(shared: Shared, forgery: str):
+    """Right store key, right session key and token ids, valid CRCs, other KV: refused for its signature."""
+    session = f"victim-{forgery.split()[0]}"
+    msgs, keys = _new_session_on_a(shared, session)
+    stranger = ChunkSigner([b"k" * 32])
+    for key in keys:
+        forged = _forge(shared.signer.open(key.decode(), shared.redis.get(key)).tobytes())
+        shared.redis.set(key, forged if forgery == "unsigned" else stranger.seal(key.decode(), forged))
+    b = shared.procs["b"]
+    imports, refused = _count(b, "imports"), _count(b, "chunks_discarded_signature")
+    answer, cached, tier = _turn(_client(b, "key-b"), msgs, session)
+    assert tier == "none" and cached < 32, (tier, cached)
+    assert _count(b, "imports") == imports and _count(b, "chunks_discarded_signature") == refused + 1
+    assert answer == _solo(shared, msgs)
+
+
+def test_malformed_and_oversized_values_cost_a_recomputation_not_memory(shared: Shared):
+    b = shared.procs["b"]
+    hwm = _vm_hwm_kib(b)
+    # A correctly signed chunk whose header has fields of the wrong type (a buggy or compromised writer).
+    msgs, keys = _new_session_on_a(shared, "malformed")
+    for key in keys:
+        chunk = shared.signer.open(key.decode(), shared.redis.get(key)).tobytes()
+        shared.redis.set(key, shared.signer.seal(key.decode(), _forge(chunk, {"token_ids": "abc"})))
+    refused = _count(b, "chunks_discarded_format")
+    _, cached, tier = _turn(_client(b, "key-b"), msgs, "malformed")
+    assert tier == "none" and cached < 32, (tier, cached)
+    assert _count(b, "chunks_discarded_format") == refused + 1
+
+    # A value larger than any chunk of this layout is refused before it is read.
+    msgs, keys = _new_session_on_a(shared, "oversized")
+    for key in keys:
+        shared.redis.set(key, b"\0" * (64 << 20))
+    refused = _count(b, "chunks_discarded_oversize")
+    _, cached, tier = _turn(_client(b, "key-b"), msgs, "oversized")
+    assert tier == "none" and cached < 32, (tier, cached)
+    assert _count(b, "chunks_discarded_oversize") == refused + 1
+    grown_mib = (_vm_hwm_kib(b) - hwm) / 1024
+    assert grown_mib < 32, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_a_session_deleted_mid_turn_stays_deleted_on_every_server(shared: Shared):
+    a, b = shared.procs["a"], shared.procs["b"]
+    msgs, keys = _new_session_on_a(shared, "gone", tenant="key-a")
+    answer, _, tier = _turn(_client(b), msgs, "gone")  # b now holds a copy too
+    assert tier == "remote"
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": TURNS[2]}]
+
+    # A long turn on a; the session is deleted while it streams.
+    client = _client(a)
+    stream = client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=160,
+                                            temperature=0, stream=True, extra_headers={"X-Session-ID": "gone"})
+    deleted = threading.Event()
+    pieces = []
+    for chunk in stream:
+        pieces.append(chunk)
+        if len(pieces) == 4:
+            r = httpx.delete(a.base_url + "/v1/sessions/gone", headers={"Authorization": "Bearer key-a"}, timeout=30)
+            assert r.status_code == 200, r.text
+            deleted.set()
+    assert deleted.is_set() and len(pieces) > 8, "the turn ended before the deletion"
+    _uploaded(a)
+    _uploaded(b)
+
+    # Nothing of it is left on a, nor in the shared tier, and b drops its own copy when next asked.
+    assert httpx.get(a.base_url + "/v1/sessions/gone", headers={"Authorization": "Bearer key-a"},
+                     timeout=30).status_code == 404
+    assert not (shared.chunk_keys() & keys)
+    applied = _count(b, "deletions_applied")
+    for server in (b, a):
+        _, cached, tier = _turn(_client(server), msgs, "gone")
+        assert tier == "none" and cached < 32, (server.base_url, tier, cached)
+    assert _count(b, "deletions_applied") == applied + 1
+
+
+def test_without_the_password_nothing_is_read_or_written(shared: Shared, tmp_path: Path):
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password")
+    args = ("--kv-cache-gb", "0.1", "--remote-kv", shared.store.url, "--remote-kv-ca-file",
+            str(shared.store.ca_file), "--remote-kv-signing-key-file", str(shared.store.signing_key_file))
+    procs = {"wrong": ServerProcess(*args, "--ssd-dir", str(tmp_path / "w"), "--remote-kv-password-file", str(wrong),
+                                    log=tmp_path / "wrong.log"),
+             "none": ServerProcess(*args, "--ssd-dir", str(tmp_path / "n"), log=tmp_path / "none.log",
+                                   env={"STRATA_REMOTE_KV_PASSWORD": ""})}
+    msgs, _ = _new_session_on_a(shared, "locked-out", tenant="key-a")
+    with started(procs):
+        for srv in procs.values():
+            before = shared.chunk_keys()
+            answer, cached, tier = _turn(_client(srv), msgs, "locked-out")
             assert tier == "none" and cached < 32, (tier, cached)
-
-            # The session moves to server b: its history comes from the shared tier.
-            msgs.append({"role": "user", "content": TURNS[2]})
-            answer, cached, tier = _turn(b, msgs, "moon")
-            assert tier == "remote" and cached > 0, (tier, cached)
-            assert answer == off.chat.completions.create(model=off.models.list().data[0].id, messages=msgs,
-                                                         max_tokens=24, temperature=0).choices[0].message.content
-            assert procs["b"].metric('strata_kv_hits_total{tier="remote"}') == 1
-
-            # A corrupted chunk in the shared tier is detected (per-layer CRC) and never served.
-            r = redis.Redis.from_url(store.url)
-            for key in r.keys("strata:*"):
-                blob = bytearray(r.get(key))
-                blob[-10] ^= 0xFF
-                r.set(key, bytes(blob))
-            c = _client(procs["b"], "key-b")
-            fresh = [{"role": "user", "content": TURNS[0]}]
-            _turn(_client(procs["a"], "key-b"), fresh, "second")  # a writes a new session ...
-            _uploaded(procs["a"])
-            for key in r.keys("strata:*"):  # ... which is corrupted too
-                blob = bytearray(r.get(key))
-                blob[-10] ^= 0xFF
-                r.set(key, bytes(blob))
-            fresh += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": TURNS[1]}]
-            _, cached, tier = _turn(c, fresh, "second")
-            assert tier == "none" and cached < 32
-
-            # A value larger than any chunk of this layout is refused before it is read into a file.
-            third = [{"role": "user", "content": TURNS[1]}]
-            _turn(_client(procs["a"], "key-b"), third, "third")
-            _uploaded(procs["a"])
-            before = set(r.keys("strata:*"))
-            oversize = 'strata_kv_remote_total{event="chunks_discarded_oversize"}'
-            for key in before:
-                r.set(key, b"\0" * (64 << 20))
-            third += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": TURNS[2]}]
-            _, cached, tier = _turn(c, third, "third")
-            assert tier == "none" and cached < 32
-            assert procs["b"].metric(oversize) == 1
-
-            # redis goes away mid-run: every request is still answered, from what each server holds.
-            store.stop()
-            msgs.append({"role": "assistant", "content": answer})
-            msgs.append({"role": "user", "content": TURNS[3]})
-            answer, cached, tier = _turn(b, msgs, "moon")
-            assert answer and cached > 0
-            t0 = time.monotonic()
-            _, _, tier = _turn(a, [{"role": "user", "content": "Hello there."}], "new-session")
-            assert tier == "none" and time.monotonic() - t0 < 30
-            assert httpx_health(procs["a"]) and httpx_health(procs["b"])
-    finally:
-        store.stop()
+            assert answer == _solo(shared, msgs)
+            _uploaded(srv)
+            assert shared.chunk_keys() == before
+            assert _count(srv, "imports") == 0 and _count(srv, "uploads") == 0 and _count(srv, "errors") > 0
 
 
-def httpx_health(srv: ServerProcess) -> bool:
-    import httpx
-
-    return httpx.get(srv.base_url + "/health", timeout=5).status_code == 200
+def test_redis_gone_mid_run_costs_recomputation_never_an_error(shared: Shared):
+    """Last in this module: it stops the store."""
+    a, b = shared.procs["a"], shared.procs["b"]
+    msgs, _ = _new_session_on_a(shared, "outage", tenant="key-a")
+    answer, _, _ = _turn(_client(b), msgs, "outage")
+    shared.store.stop()
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": TURNS[2]}]
+    answer, cached, _ = _turn(_client(b), msgs, "outage")  # what b holds still serves
+    assert answer and cached > 0
+    t0 = time.monotonic()
+    _, _, tier = _turn(_client(a), [{"role": "user", "content": "Hello there."}], "new-session")
+    assert tier == "none" and time.monotonic() - t0 < 30
+    for srv in (a, b):
+        assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 200

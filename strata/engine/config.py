@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -16,7 +16,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
-    max_queue: int = 1024  # waiting requests beyond this are refused (503)
+    max_queue: int = 1024  # waiting requests beyond this are refused (429, retry elsewhere)
     seed: int = 0
     # Session KV tiers (CachedAttention). HBM is the block pool above.
     session_cache: bool = True
@@ -27,8 +27,13 @@ class EngineConfig:
     session_ttl_s: float = 3600.0
     kv_chunk_tokens: int = 256
     kv_load_timeout_s: float = 10.0  # a history layer that takes longer is recomputed instead (counted)
-    remote_kv: str | None = None  # the shared KV tier (redis://HOST:PORT/DB); needs ssd_dir
+    remote_kv: str | None = None  # the shared KV tier (redis:// or rediss://HOST:PORT/DB); needs ssd_dir
     remote_kv_timeout_s: float = 0.5  # per call to it: slower counts as down (recompute)
+    remote_kv_username: str | None = None  # Redis ACL user (None: the default user)
+    remote_kv_password: str | None = field(default=None, repr=False)
+    remote_kv_ca_file: str | None = None  # CA bundle that verifies a rediss:// server (None: the system's)
+    # HMAC keys of the shared tier's chunks (the first signs, all verify); required with remote_kv.
+    remote_kv_signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
     # AdaSkip: the policy for every request, and the default of requests that do not ask (0 = no skipping).
     skip_policy: str = "adaskip"  # or early-exit, skipdecode, unified (baselines, need no profile)
     skip_sublayers: int = 0

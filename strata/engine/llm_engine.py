@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from strata.engine.tokenizer import Tokenizer
 from strata.engine.weights.model_files import ModelFiles, resolve_model
 from strata.kernels.device import default_device, fast_dtype, resolve_device
 from strata.storage.block_pool import BlockPool
+from strata.storage.chunk_signing import ChunkSigner
 from strata.storage.kv_store import KVStore
 from strata.storage.remote_tier import open_backend
 
@@ -71,6 +73,9 @@ class LLMEngine:
         self.eos_token_ids = sorted(eos)
         self.grammars = GrammarCompiler(self.files.directory, cfg.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
+        # Sessions deleted on another server whose device copy goes at the next step (set by any thread).
+        self._remote_deletions: set[str] = set()
+        self._remote_deletions_lock = threading.Lock()
         self._seed_source = torch.Generator().manual_seed(config.seed)
         log.info("model %s loaded in %.1fs: %d layers, KV cache %d blocks of one layer's %d tokens (%.2f GiB)",
                  self.files.name, time.monotonic() - t0, cfg.num_hidden_layers, self.pool.num_blocks,
@@ -97,7 +102,10 @@ class LLMEngine:
             ttl_s=config.session_ttl_s,
             chunk_tokens=config.kv_chunk_tokens,
             rope_inv_freq=self.model.inv_freq,
-            remote=open_backend(config.remote_kv, config.remote_kv_timeout_s) if config.remote_kv else None,
+            remote=open_backend(config.remote_kv, config.remote_kv_timeout_s, username=config.remote_kv_username,
+                                password=config.remote_kv_password, ca_file=config.remote_kv_ca_file)
+            if config.remote_kv else None,
+            signer=ChunkSigner(list(config.remote_kv_signing_keys)) if config.remote_kv else None,
         )
 
     def close(self, timeout: float = 30.0) -> None:
@@ -169,12 +177,27 @@ class LLMEngine:
 
     def import_remote_session(self, key: str, prompt_ids: list[int]) -> int:
         """Before a session's request is scheduled on a server that does not hold it: fetch its KV from the
-        shared tier (any thread; bounded by the remote's timeouts). Tokens imported, 0 if none."""
+        shared tier (any thread; bounded by the remote's timeouts). Tokens imported, 0 if none. A session
+        deleted on another server loses its device copy here too, at the start of the next step."""
         if self.store is None:
             return 0
-        return self.store.import_remote(key, prompt_ids)
+        result = self.store.import_remote(key, prompt_ids)
+        if result.deleted_elsewhere:
+            with self._remote_deletions_lock:
+                self._remote_deletions.add(key)
+        return result.tokens
+
+    def _apply_remote_deletions(self) -> None:
+        with self._remote_deletions_lock:
+            keys, self._remote_deletions = self._remote_deletions, set()
+        for key in keys:
+            self.kv.cache.drop(key)
 
     def delete_session(self, key: str) -> bool:
+        """Forget a session in every tier; its requests in flight keep running but save nothing more."""
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.request.session_key == key:
+                seq.session_deleted = True
         dropped = self.kv.cache.drop(key)
         return (self.store.delete(key) if self.store is not None else False) or dropped
 
@@ -205,6 +228,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         self.kv.free_released()
+        if self._remote_deletions:
+            self._apply_remote_deletions()
         batch = self.scheduler.schedule()
         self.stats.preemptions += batch.num_preempted
         if batch.empty:

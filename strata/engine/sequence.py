@@ -36,6 +36,7 @@ class Sequence:
         self.acquired = False  # reusable history looked up since (re)admission
         self.num_preemptions = 0
         self.truncation_applied = False  # the session's stored KV was cut once (never twice on readmission)
+        self.session_deleted = False  # its session was deleted meanwhile: none of its KV is kept
         self.blocks = BlockTable(num_layers)
         self.skip = skip  # AdaSkip state of this request; None: it skips nothing (the plain path)
         # First token whose KV was computed with some sublayer skipped (None: none so far). KV from

@@ -116,6 +116,8 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
     yield CounterMetricFamily("strata_kv_saves_dropped_queue_full", "KV saves dropped because the save queue was "
                               "full (that session's later turns recompute from there)",
                               value=st.get("saves_dropped_queue_full", 0.0))
+    yield CounterMetricFamily("strata_kv_saves_dropped_deleted", "KV saves dropped because their session was "
+                              "deleted after they were queued", value=st.get("saves_dropped_deleted", 0.0))
     yield GaugeMetricFamily("strata_kv_save_queue_bytes", "Bytes of KV copies waiting to be saved",
                             value=st.get("save_queue_bytes", 0.0))
     yield GaugeMetricFamily("strata_kv_ssd_io_queue", "Jobs (write-backs, prefetches) waiting for the SSD I/O thread",
@@ -124,10 +126,15 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
                             value=st.get("sessions", 0.0))
     remote = CounterMetricFamily("strata_kv_remote", "The shared KV tier (--remote-kv): chunks uploaded, uploads "
                                  "dropped (queue full or remote down), sessions imported, tokens imported, calls "
-                                 "skipped while it was down, errors, chunks refused on import", labels=["event"])
+                                 "skipped while it was down, errors, local copies dropped for a deletion elsewhere, "
+                                 "deletions given up while it was down, chunks refused on import (by reason)",
+                                 labels=["event"])
     for event, key in (("uploads", "remote_uploads"), ("uploads_dropped", "remote_uploads_dropped"),
+                       ("uploads_dropped_deleted", "remote_uploads_dropped_deleted"),
                        ("imports", "remote_imports"), ("tokens_imported", "tokens_imported_remote"),
-                       ("skipped_down", "remote_skipped_down"), ("errors", "remote_errors")):
+                       ("skipped_down", "remote_skipped_down"), ("errors", "remote_errors"),
+                       ("deletions_applied", "remote_deletions_applied"),
+                       ("forgets_dropped", "remote_forgets_dropped")):
         remote.add_metric([event], st.get(key, 0.0))
     for key in sorted(k for k in st if k.startswith("remote_chunks_discarded_")):  # by reason: checksum, oversize...
         remote.add_metric([key.removeprefix("remote_")], st[key])

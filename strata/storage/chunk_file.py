@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,7 +153,13 @@ def _wrongly_typed(h: ChunkHeader) -> str | None:
 
 def read_header(fd: int, layout: ChunkLayout, file_size: int) -> tuple[ChunkHeader, int]:
     """Parse and check the header of an open chunk file; returns it and the payload offset."""
-    raw = os.pread(fd, _PREFIX.size, 0)
+    return parse_header(lambda size, offset: os.pread(fd, size, offset), layout, file_size)
+
+
+def parse_header(read: Callable[[int, int], bytes], layout: ChunkLayout, total_size: int) -> tuple[ChunkHeader, int]:
+    """Parse and check a chunk's header through ``read(size, offset)`` (a file or bytes in memory); returns
+    it and the payload offset. ``total_size``: the whole chunk's bytes, checked against the header."""
+    raw = read(_PREFIX.size, 0)
     if len(raw) < _PREFIX.size:
         raise ChunkError("truncated", "no header")
     magic, length, crc = _PREFIX.unpack(raw)
@@ -160,7 +167,7 @@ def read_header(fd: int, layout: ChunkLayout, file_size: int) -> tuple[ChunkHead
         raise ChunkError("format", "bad magic")
     if length > MAX_HEADER_BYTES:
         raise ChunkError("format", f"header of {length} bytes")
-    body = os.pread(fd, length, _PREFIX.size)
+    body = read(length, _PREFIX.size)
     if len(body) < length:
         raise ChunkError("truncated", "short header")
     if zlib.crc32(body) != crc:
@@ -181,8 +188,8 @@ def read_header(fd: int, layout: ChunkLayout, file_size: int) -> tuple[ChunkHead
     if header.num_tokens < 1 or len(header.layer_crc) != header.num_layers:
         raise ChunkError("format", "empty chunk")
     offset = _PREFIX.size + length
-    if file_size != offset + header.num_layers * layout.layer_bytes(header.num_tokens):
-        raise ChunkError("truncated", f"size {file_size}")
+    if total_size != offset + header.num_layers * layout.layer_bytes(header.num_tokens):
+        raise ChunkError("truncated", f"size {total_size}")
     return header, offset
 
 
@@ -196,6 +203,18 @@ def read_layer(fd: int, header: ChunkHeader, offset: int, layout: ChunkLayout, l
         raise ChunkError("checksum", f"layer {layer}")
     flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return flat.view(layout.dtype).view(2, header.num_tokens, layout.num_kv_heads, layout.head_dim)
+
+
+def validate_bytes(chunk: bytes, layout: ChunkLayout) -> ChunkHeader:
+    """Full check of a chunk held in memory (header and every layer's checksum), before it is written."""
+    view = memoryview(chunk)
+    header, offset = parse_header(lambda size, at: bytes(view[at:at + size]), layout, len(chunk))
+    size = layout.layer_bytes(header.num_tokens)
+    for layer in range(header.num_layers):
+        start = offset + layer * size
+        if zlib.crc32(view[start:start + size]) != header.layer_crc[layer]:
+            raise ChunkError("checksum", f"layer {layer}")
+    return header
 
 
 def validate_file(path: Path, layout: ChunkLayout) -> ChunkHeader:

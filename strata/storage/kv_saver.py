@@ -56,10 +56,11 @@ class KVSaver:
                 return
             self.queued_bytes += nbytes
             index.entry_locked(session_key).pending_saves += 1
+            epoch = index.deletion_epoch
         kv = self.pool.read(blocks.slots(self.pool.block_size, start, end))  # a copy: the blocks may be freed now
         pending: torch.Tensor | HostCopy = kv if self._streams is None else self._streams.to_host(kv)
         ids = list(token_ids[:end])
-        self.thread.put(lambda: self._apply_save(session_key, ids, start, pending, nbytes))
+        self.thread.put(lambda: self._apply_save(session_key, ids, start, pending, nbytes, epoch))
 
     def finish(self, session_key: str, token_ids: list[int]) -> None:
         ids = list(token_ids)
@@ -101,11 +102,14 @@ class KVSaver:
     # ------------------------------------------------------------------ saver thread
 
     def _apply_save(self, key: str, ids: list[int], start: int, pending: torch.Tensor | HostCopy,
-                    nbytes: int) -> None:
+                    nbytes: int, epoch: int) -> None:
         index = self.index
         try:
             kv = pending.wait() if isinstance(pending, HostCopy) else pending.to("cpu")
             with index.lock:
+                if index.deleted_in_epoch.get(key, -1) > epoch:  # deleted after this save was queued
+                    index.counters["saves_dropped_deleted"] += 1
+                    return
                 entry = index.entry_locked(key)
                 entry.pending_saves = max(0, entry.pending_saves - 1)
                 lcp = common_prefix(entry.tokens, ids)
@@ -120,6 +124,8 @@ class KVSaver:
         finally:
             with index.lock:
                 self.queued_bytes -= nbytes
+                if self.queued_bytes == 0:  # no save queued before any deletion is left
+                    index.deleted_in_epoch.clear()
 
     def _apply_finish(self, key: str, ids: list[int]) -> None:
         index = self.index

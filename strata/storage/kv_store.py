@@ -19,7 +19,8 @@ Interface (all methods are called from the engine thread; they never block on I/
 
     store = KVStore(pool, model_fingerprint=..., dram_bytes=..., ssd_dir=Path | None, ssd_bytes=...,
                     policy="scheduler" | "lru", ttl_s=3600.0, chunk_tokens=256,
-                    rope_inv_freq=None, readahead_layers=None, save_queue_bytes=256 MiB)
+                    rope_inv_freq=None, readahead_layers=None, save_queue_bytes=256 MiB,
+                    remote=RemoteBackend | None, signer=ChunkSigner | None)   # a shared tier needs both
     store.lookup(key, prompt_ids) -> Hit(tokens, tier)   # tier "dram" | "ssd" | None
     store.hint_upcoming(keys)                            # waiting queue order, first = next
     store.start_load(key, token_ids, num_tokens, blocks) -> LoadHandle   # blocks: a BlockTable
@@ -30,7 +31,7 @@ Interface (all methods are called from the engine thread; they never block on I/
     store.tokens(key, timeout=10.0) -> list[int]         # stored ids, after pending saves
     store.pin(key, seconds); store.delete(key) -> bool; store.info(key) -> dict | None
     store.sessions() -> list[str]; store.stats() -> dict[str, float]
-    store.import_remote(key, prompt_ids) -> int          # any thread: a session from the shared tier (remote=)
+    store.import_remote(key, prompt_ids) -> RemoteImport # any thread: a session from the shared tier (remote=)
     store.flush(timeout=None) -> bool; store.close(timeout=30.0)
 
 Semantics the engine relies on:
@@ -59,6 +60,9 @@ Semantics the engine relies on:
   still gets through. ``save_queue_bytes`` in ``stats()`` is the current occupancy.
 * Chunks are written back to SSD in the background once full, and the rest when the request
   ``finish``-es; DRAM eviction of a written chunk is then a drop.
+* ``delete`` drops the session from every tier at once; saves queued before it are dropped when they
+  come up (``saves_dropped_deleted``), so a deletion during a turn sticks. With a shared tier it leaves a
+  tombstone there (see :mod:`.remote_tier`).
 * Sessions survive a restart through the SSD tier; pins and the look-ahead window do not. ``close``
   writes back every chunk DRAM holds that the SSD lacks.
 * Eviction DRAM -> SSD picks chunks (tail first) of the victim session given by
@@ -82,7 +86,10 @@ Semantics the engine relies on:
 ``load_errors``, ``ssd_io_queue`` (write-backs, prefetches and upkeep queued on the I/O thread); with a
 shared tier ``lookups_hit_remote``, ``remote_uploads``, ``remote_uploads_dropped``,
 ``bytes_saved_remote``, ``remote_fetches``, ``remote_imports``, ``tokens_imported_remote``,
-``remote_skipped_down``, ``remote_errors``, ``remote_chunks_discarded_<reason>``, ``remote_upload_queue``.
+``remote_skipped_down``, ``remote_errors``, ``remote_chunks_discarded_<reason>`` (signature, oversize and
+the local reasons), ``remote_deletions_applied``, ``remote_uploads_dropped_deleted``,
+``remote_forgets_dropped``, ``remote_upload_queue``;
+``saves_dropped_deleted`` (saves queued before their session's deletion).
 
 On a GPU (the pool's device is CUDA) the DRAM tier is pinned host memory, loads run on a CUDA stream
 with one event per layer (``wait_layer`` makes the caller's stream wait on it, the host does not block
@@ -102,12 +109,13 @@ import torch
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
 from strata.storage.chunk_file import ChunkLayout
+from strata.storage.chunk_signing import ChunkSigner
 from strata.storage.cuda_streams import CudaStreams
 from strata.storage.dram_tier import DramTier
 from strata.storage.kv_loader import KVLoader
 from strata.storage.kv_saver import KVSaver
 from strata.storage.load_handle import KVLoadError, LoadHandle
-from strata.storage.remote_tier import RemoteBackend, RemoteTier
+from strata.storage.remote_tier import RemoteBackend, RemoteImport, RemoteTier
 from strata.storage.session_index import Hit, SessionIndex
 from strata.storage.ssd_tier import SsdTier
 from strata.storage.truncation import Truncator
@@ -121,7 +129,8 @@ class KVStore:
     def __init__(self, pool: BlockPool, *, model_fingerprint: str, dram_bytes: int, ssd_dir: Path | None,
                  ssd_bytes: int, policy: str = "scheduler", ttl_s: float = 3600.0, chunk_tokens: int = 256,
                  rope_inv_freq: torch.Tensor | None = None, readahead_layers: int | None = None,
-                 save_queue_bytes: int = 256 << 20, remote: RemoteBackend | None = None) -> None:
+                 save_queue_bytes: int = 256 << 20, remote: RemoteBackend | None = None,
+                 signer: ChunkSigner | None = None) -> None:
         _, _, _, heads, dim = pool.kv.shape
         layers = pool.num_layers
         self.pool = pool
@@ -148,8 +157,10 @@ class KVStore:
         self.truncator = (Truncator(self.index, self.dram, self.ssd, self.layout, rope_inv_freq)
                           if rope_inv_freq is not None else None)
         # The shared tier rides on the SSD tier: what it writes is uploaded, what it lacks is imported.
-        self.remote = (RemoteTier(remote, self.index, model_fingerprint, ttl_s)
-                       if remote is not None and self.ssd_dir is not None else None)
+        if remote is not None and signer is None:
+            raise ValueError("a shared tier needs a signer: its chunks are signed")
+        self.remote = (RemoteTier(remote, signer, self.index, model_fingerprint, ttl_s)
+                       if remote is not None and signer is not None and self.ssd_dir is not None else None)
         if self.remote is not None:
             self.ssd.on_written = self.remote.upload
         self._closed = False
@@ -178,12 +189,12 @@ class KVStore:
             self.remote.forget(session_key)
         return self.index.delete(session_key)
 
-    def import_remote(self, session_key: str, prompt_ids: list[int]) -> int:
-        """A session this server does not hold: bring its KV from the shared tier into the SSD tier (tokens
-        imported, 0 if none). Any thread may call it (it takes the index lock); bounded by the remote's
-        timeouts, and free when there is no shared tier."""
+    def import_remote(self, session_key: str, prompt_ids: list[int]) -> RemoteImport:
+        """Before a session's request: bring its KV from the shared tier into the SSD tier if this server
+        lacks it, or drop what it holds if the session was deleted elsewhere. Any thread may call it (it
+        takes the index lock); bounded by the remote's timeouts, and free when there is no shared tier."""
         if self.remote is None or self._closed:
-            return 0
+            return RemoteImport(0)
         return self.remote.import_session(self.ssd, session_key, prompt_ids)
 
     def info(self, session_key: str) -> dict[str, Any] | None:

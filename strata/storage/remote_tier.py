@@ -2,12 +2,24 @@
 another server (scale-out, a killed node) keeps its KV.
 
 What goes there is exactly what the SSD tier wrote (the chunk file: header with session key, token ids,
-prefix hash and model fingerprint, then each layer with its CRC), uploaded after the local write on a
-thread of its own, so the forward pass never waits on it. Keys are the model fingerprint, the session's
-file stem (a hash of the tenant-scoped session key: tenants stay apart) and the chunk index. A session
-unknown to a server is imported (downloaded one chunk at a time, a value larger than any chunk of this
-layout refused unread, each chunk validated as the start-up scan validates local files, header field types
-included, written into the SSD tier) before its request is scheduled, and then served like an SSD hit.
+prefix hash and model fingerprint, then each layer with its CRC), sealed with an HMAC that binds it to its
+key (:mod:`.chunk_signing`), uploaded after the local write on a thread of its own, so the forward pass
+never waits on it. Keys are the model fingerprint, the session's file stem (a hash of the tenant-scoped
+session key: tenants stay apart) and the chunk index.
+
+Trust: the store is reached with a password or ACL user (never in the URL: from a file or the
+environment) and over TLS with ``rediss://``; whatever it returns is still treated as hostile. A session
+unknown to a server is imported one chunk at a time (memory holds one chunk; a value larger than any chunk
+of this layout is refused unread): each chunk's signature is checked, then the whole chunk as the start-up
+scan checks local files (header field types, fingerprint, every layer's CRC) and its place in the chain
+(index, start, prefix hash, session key), all in memory, and only then is SSD space reserved and the file
+written. Import stops at the prompt: a session costs at most the prompt's tokens plus one chunk.
+
+Deletion sticks: ``forget`` leaves a tombstone (the deletion's wall time) and deletes the chunks; a
+server that holds an older local copy drops it when the session is next asked for, and never uploads it
+again; a session started afresh after the deletion clears the tombstone with its first chunk; a forget
+that finds the remote down is retried when it is back. TTL: a session's keys get their expiry pushed back when it
+is used (at most every quarter TTL), so long conversations do not lose their shared copy first.
 
 The remote is an optimisation, never a dependency: every call has a short timeout, an error marks the
 remote down for a while (no call at all meanwhile), uploads that do not fit the queue are dropped, and a
@@ -18,12 +30,14 @@ session that cannot be imported is recomputed. Redis is the first backend; anoth
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from strata.storage.chunk_file import (
     MAX_HEADER_BYTES,
@@ -33,8 +47,9 @@ from strata.storage.chunk_file import (
     commit,
     fsync_dir,
     prefix_hash,
-    validate_file,
+    validate_bytes,
 )
+from strata.storage.chunk_signing import ChunkSigner
 from strata.storage.job_thread import JobThread
 from strata.storage.session_entry import Chunk, SessionEntry, SsdCopy, common_prefix
 from strata.storage.session_index import SessionIndex, unlink
@@ -47,6 +62,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNKS = 256  # chunks fetched per session (with 256-token chunks: 64k tokens)
 DOWN_FOR_S = 10.0  # after an error, the remote is left alone this long
+MAX_UNFORGOTTEN = 100_000  # deletions kept for a retry while the remote is down
 
 
 class RemoteBackend(Protocol):
@@ -56,19 +72,26 @@ class RemoteBackend(Protocol):
 
     def put(self, key: str, value: bytes, ttl_s: float) -> None: ...
     def delete_many(self, keys: list[str]) -> None: ...
+    def expire_many(self, keys: list[str], ttl_s: float) -> None: ...
 
 
 class RedisBackend:
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, *, username: str | None = None, password: str | None = None,
+                 ca_file: str | None = None) -> None:
         import redis
 
+        tls = {"ssl_ca_certs": ca_file, "ssl_cert_reqs": "required"} if url.startswith("rediss://") else {}
+        credentials = {k: v for k, v in (("username", username), ("password", password)) if v}
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry_on_timeout=False, health_check_interval=0)
+                                           retry_on_timeout=False, health_check_interval=0, **credentials, **tls)
 
     def get_capped(self, key: str, max_bytes: int) -> tuple[int, bytes]:
-        # STRLEN and GETRANGE in one transaction: an oversized value never crosses the network.
-        size, head = self._redis.pipeline(transaction=True).strlen(key).getrange(key, 0, max_bytes - 1).execute()
-        return int(size), bytes(head)
+        # The size first: an oversized value never crosses the network; GETRANGE keeps the read capped
+        # should the value grow in between.
+        size = int(self._redis.strlen(key))
+        if size == 0 or size > max_bytes:
+            return size, b""
+        return size, bytes(self._redis.getrange(key, 0, max_bytes - 1))
 
     def put(self, key: str, value: bytes, ttl_s: float) -> None:
         self._redis.set(key, value, ex=max(1, int(ttl_s)))
@@ -76,17 +99,34 @@ class RedisBackend:
     def delete_many(self, keys: list[str]) -> None:
         self._redis.delete(*keys)
 
+    def expire_many(self, keys: list[str], ttl_s: float) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.expire(key, max(1, int(ttl_s)))
+        pipe.execute()
 
-def open_backend(url: str, timeout_s: float) -> RemoteBackend:
+
+def open_backend(url: str, timeout_s: float, *, username: str | None = None, password: str | None = None,
+                 ca_file: str | None = None) -> RemoteBackend:
+    """The store behind ``url``. A password inside the URL is refused: URLs end up in argv, process
+    listings and logs; it comes from a file or the environment instead."""
+    if urlsplit(url).password:
+        raise ValueError("--remote-kv: the URL must not hold a password (give it in a file or the environment)")
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisBackend(url, timeout_s)
-    raise ValueError(f"--remote-kv: no backend for {url!r} (redis://HOST:PORT/DB is supported)")
+        return RedisBackend(url, timeout_s, username=username, password=password, ca_file=ca_file)
+    raise ValueError(f"--remote-kv: no backend for {url!r} (redis://HOST:PORT/DB or rediss:// is supported)")
+
+
+class RemoteImport(NamedTuple):
+    tokens: int  # imported into the SSD tier (0: nothing usable, or held here already)
+    deleted_elsewhere: bool = False  # a tombstone outdates what this server holds: its copies must go
 
 
 class RemoteTier:
-    def __init__(self, backend: RemoteBackend, index: SessionIndex, fingerprint: str, ttl_s: float,
-                 queue_limit: int = 1024) -> None:
+    def __init__(self, backend: RemoteBackend, signer: ChunkSigner, index: SessionIndex, fingerprint: str,
+                 ttl_s: float, queue_limit: int = 1024) -> None:
         self.backend = backend
+        self.signer = signer
         self.index = index
         self.fingerprint = fingerprint
         self.ttl_s = ttl_s
@@ -94,10 +134,14 @@ class RemoteTier:
         self._queued = 0
         self._lock = threading.Lock()
         self._down_until = 0.0
-        self.uploader = JobThread("kv-remote", lambda: index.count("remote_errors"))
+        self._unforgotten: dict[str, float] = {}  # stem -> deletion time: forgets the remote missed
+        self.uploader = JobThread("kv-remote", lambda: index.count("remote_errors"), idle=self._retry_forgets)
 
     def key(self, stem: str, chunk_index: int) -> str:
         return f"strata:{self.fingerprint}:{stem}:{chunk_index:06d}"
+
+    def tombstone_key(self, stem: str) -> str:
+        return f"strata:{self.fingerprint}:{stem}:deleted"
 
     @property
     def available(self) -> bool:
@@ -110,16 +154,16 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ upload (after the SSD write)
 
-    def upload(self, path: Path, stem: str, chunk_index: int) -> None:
+    def upload(self, path: Path, stem: str, chunk_index: int, created: float) -> None:
         """Queue a chunk file for upload; dropped (and counted) when the queue is full or the remote down."""
         with self._lock:
             if self._queued >= self.queue_limit or not self.available:
                 self.index.count("remote_uploads_dropped")
                 return
             self._queued += 1
-        self.uploader.put(lambda: self._upload(path, stem, chunk_index))
+        self.uploader.put(lambda: self._upload(path, stem, chunk_index, created))
 
-    def _upload(self, path: Path, stem: str, chunk_index: int) -> None:
+    def _upload(self, path: Path, stem: str, chunk_index: int, created: float) -> None:
         with self._lock:
             self._queued -= 1
         if not self.available:
@@ -129,8 +173,15 @@ class RemoteTier:
             data = path.read_bytes()
         except OSError:  # replaced or evicted meanwhile: a later write uploads the new one
             return
+        key = self.key(stem, chunk_index)
         try:
-            self.backend.put(self.key(stem, chunk_index), data, self.ttl_s)
+            deleted_at = self._deleted_at(stem)
+            if deleted_at is not None and created <= deleted_at:  # a copy older than a deletion elsewhere
+                self.index.count("remote_uploads_dropped_deleted")
+                return
+            if deleted_at is not None and chunk_index == 0:  # the session started again after its deletion
+                self.backend.delete_many([self.tombstone_key(stem)])
+            self.backend.put(key, self.signer.seal(key, data), self.ttl_s)
         except Exception as e:
             self._failed("upload", e)
             return
@@ -143,16 +194,17 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ download (a local miss)
 
-    def fetch(self, stem: str, max_chunk_bytes: int) -> Iterator[bytes]:
-        """The session's chunk files in order, one at a time (memory holds one chunk), up to the first
-        missing one; a value over `max_chunk_bytes` (no chunk of this layout is that large) ends it too.
-        Nothing when the remote is down or failing."""
+    def fetch(self, stem: str, max_chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
+        """The session's (store key, sealed value) in chunk order, one at a time (memory holds one chunk),
+        up to the first missing one; a value over `max_chunk_bytes` (no sealed chunk of this layout is that
+        large) ends it too. Nothing when the remote is down or failing."""
         for i in range(MAX_CHUNKS):
             if not self.available:
                 self.index.count("remote_skipped_down")
                 return
+            key = self.key(stem, i)
             try:
-                size, blob = self.backend.get_capped(self.key(stem, i), max_chunk_bytes)
+                size, blob = self.backend.get_capped(key, max_chunk_bytes)
             except Exception as e:
                 self._failed("fetch", e)
                 return
@@ -161,40 +213,63 @@ class RemoteTier:
             if size > max_chunk_bytes:
                 self.index.count("remote_chunks_discarded_oversize")
                 return
-            yield blob
+            yield key, blob
 
     def close(self, timeout: float | None) -> None:
         self.uploader.stop(timeout)
 
-    def import_session(self, ssd: SsdTier, key: str, prompt_ids: list[int]) -> int:
-        """Bring a session this server does not hold from the remote into its SSD tier; returns the tokens
-        imported (0: nothing usable, or the session is known here already).
+    def _deleted_at(self, stem: str) -> float | None:
+        """When the session was deleted (its tombstone), None if it was not. Raises what the backend raises."""
+        size, value = self.backend.get_capped(self.tombstone_key(stem), 32)
+        if size == 0:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return float("inf")  # unreadable: treated as deleted now, which costs only reuse
 
-        Each chunk is validated like a local file at start-up (fingerprint, header, every layer's CRC),
-        must continue the chain (index, start, prefix hash) and belong to this session; chunks past the
-        prompt's common prefix are not fetched into the index. The entry comes in marked ``from_remote``:
-        its first hit reports tier "remote".
+    def import_session(self, ssd: SsdTier, key: str, prompt_ids: list[int]) -> RemoteImport:
+        """Bring a session this server does not hold from the remote into its SSD tier.
+
+        A session with a tombstone is not imported; what this server holds of it is dropped from the
+        store's tiers when older than the deletion (``deleted_elsewhere``: the engine then drops its device
+        copy too). A session held here and not deleted gets its shared copy's expiry pushed back.
+
+        Each fetched chunk is verified (signature, then as a local file at start-up: fingerprint, header,
+        every layer's CRC), must continue the chain (index, start, prefix hash) and
+        belong to this session, all before anything is written; the SSD space is reserved before each
+        write. The entry comes in marked ``from_remote``: its first hit reports tier "remote".
         """
         index = self.index
-        if ssd.dir is None:
-            return 0
-        with index.lock:
-            if key in index.entries:
-                return 0
+        if ssd.dir is None or not self.available:
+            return RemoteImport(0)
         stem = file_stem(key)
-        max_chunk_bytes = MAX_HEADER_BYTES + ssd.layout.num_layers * ssd.layout.layer_bytes(ssd.chunk_tokens)
-        entry = SessionEntry(key=key, file_stem=stem)
-        staged: list[tuple[Path, ChunkHeader | None, int]] = []  # temp files; header None: not usable
         try:
-            for i, blob in enumerate(self.fetch(stem, max_chunk_bytes)):
+            deleted_at = self._deleted_at(stem)
+        except Exception as e:
+            self._failed("tombstone read", e)
+            return RemoteImport(0)
+        with index.lock:
+            held = index.entries.get(key)
+            if deleted_at is not None and (held is None or held.created <= deleted_at):
+                if held is not None:
+                    index.delete_locked(key)
+                    index.counters["remote_deletions_applied"] += 1
+                return RemoteImport(0, deleted_elsewhere=True)
+            if held is not None:
+                self._touch_locked(held)
+                return RemoteImport(0)
+        max_chunk_bytes = (self.signer.overhead + MAX_HEADER_BYTES
+                           + ssd.layout.num_layers * ssd.layout.layer_bytes(ssd.chunk_tokens))
+        entry = SessionEntry(key=key, file_stem=stem)
+        staged: list[tuple[Path, ChunkHeader, int]] = []  # verified chunks in temporary files, space reserved
+        try:
+            for i, (store_key, blob) in enumerate(self.fetch(stem, max_chunk_bytes)):
                 if i == 0:
-                    self.index.count("remote_fetches")
-                final = chunk_path(ssd.dir, stem, i)
-                tmp = final.with_name(f"{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
-                staged.append((tmp, None, len(blob)))
-                tmp.write_bytes(blob)
+                    index.count("remote_fetches")
                 try:
-                    header = validate_file(tmp, ssd.layout)
+                    chunk = self.signer.open(store_key, blob)
+                    header = validate_bytes(chunk, ssd.layout)
                 except ChunkError as e:
                     index.count(f"remote_chunks_discarded_{e.reason}")
                     break
@@ -203,51 +278,106 @@ class RemoteTier:
                         or header.prefix_hash != prefix_hash(tokens):
                     index.count("remote_chunks_discarded_stale")
                     break
-                staged[-1] = (tmp, header, len(blob))
+                with index.lock:
+                    if not ssd.reserve_locked(len(chunk), None):
+                        break
+                final = chunk_path(ssd.dir, stem, i)
+                tmp = final.with_name(f"{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+                staged.append((tmp, header, len(chunk)))
+                _write_synced(tmp, chunk)
                 entry.tokens = tokens
                 if common_prefix(entry.tokens, prompt_ids) < len(entry.tokens):
-                    break  # the prompt left this session's history: the rest is of no use
-            usable = [(tmp, header, size) for tmp, header, size in staged if header is not None]
-            if not usable:
-                return 0
-            total = sum(size for _, _, size in usable)
+                    break  # the prompt left this session's history (or ends here): the rest is of no use
+            if not staged:
+                return RemoteImport(0)
             with index.lock:
-                if key in index.entries or not ssd.reserve_locked(total, None):
-                    return 0
-                index.ssd_reserved -= total
-                for tmp, header, size in usable:
+                if key in index.entries:
+                    return RemoteImport(0)
+                for tmp, header, size in staged:
                     final = chunk_path(ssd.dir, stem, header.chunk_index)
                     commit(tmp, final)
                     n = header.num_tokens
                     entry.chunks.append(Chunk(index=header.chunk_index, start=header.start, n=n,
                                               ssd=SsdCopy(path=final, nbytes=size, file_tokens=n, valid_tokens=n)))
-                staged = [s for s in staged if s[1] is None]  # the rest were renamed into place
-                index.ssd_used += total
+                    index.ssd_reserved -= size
+                    index.ssd_used += size
+                staged = []  # renamed into place, counted as used
                 entry.last_used = time.time()
                 entry.from_remote = True
+                entry.remote_touched = time.monotonic()
                 index.entries[key] = entry
                 index.counters["remote_imports"] += 1
                 index.counters["tokens_imported_remote"] += len(entry.tokens)
             fsync_dir(ssd.dir)
-            return len(entry.tokens)
+            return RemoteImport(len(entry.tokens))
         except OSError as e:
             log.warning("importing session KV from the remote tier failed: %s", e)
             index.count("remote_errors")
-            return 0
+            return RemoteImport(0)
         finally:
+            with index.lock:
+                index.ssd_reserved -= sum(size for _, _, size in staged)
             for tmp, _, _ in staged:
                 unlink(tmp)
 
-    def forget(self, session_key: str) -> None:
-        """A deleted session leaves the shared tier too (queued behind its uploads)."""
-        stem = file_stem(session_key)
+    # ------------------------------------------------------------------ expiry and deletion
 
-        def delete() -> None:
+    def _touch_locked(self, entry: SessionEntry) -> None:
+        """The session is in use: push back its shared copy's expiry (at most every quarter TTL)."""
+        now = time.monotonic()
+        if now - entry.remote_touched < self.ttl_s / 4 or not entry.chunks:
+            return
+        entry.remote_touched = now
+        keys = [self.key(entry.file_stem, c.index) for c in entry.chunks]
+
+        def expire() -> None:
             if not self.available:
                 return
             try:
+                self.backend.expire_many(keys, self.ttl_s)
+            except Exception as e:
+                self._failed("expire", e)
+
+        self.uploader.put(expire)
+
+    def forget(self, session_key: str) -> None:
+        """A deleted session leaves the shared tier too (queued behind its uploads): a tombstone first, so
+        servers holding a copy drop it, then its chunks. Retried while the remote is down."""
+        stem = file_stem(session_key)
+        deleted_at = time.time()
+        self.uploader.put(lambda: self._forget(stem, deleted_at))
+
+    def _forget(self, stem: str, deleted_at: float) -> bool:
+        if self.available:
+            try:
+                self.backend.put(self.tombstone_key(stem), repr(deleted_at).encode(), self.ttl_s)
                 self.backend.delete_many([self.key(stem, i) for i in range(MAX_CHUNKS)])
+                with self._lock:
+                    self._unforgotten.pop(stem, None)
+                return True
             except Exception as e:
                 self._failed("delete", e)
+        with self._lock:
+            if stem in self._unforgotten or len(self._unforgotten) < MAX_UNFORGOTTEN:
+                self._unforgotten[stem] = deleted_at
+            else:
+                self.index.count("remote_forgets_dropped")
+        return False
 
-        self.uploader.put(delete)
+    def _retry_forgets(self) -> None:
+        """Idle uploader: deletions the remote missed while it was down, now that it may be back."""
+        with self._lock:
+            missed = list(self._unforgotten.items())
+        for stem, deleted_at in missed:
+            if not self.available or not self._forget(stem, deleted_at):
+                return
+
+
+def _write_synced(path: Path, data: bytes | memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

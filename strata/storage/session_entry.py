@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,8 @@ class SessionEntry:
     pending_saves: int = 0
     active_loads: int = 0
     from_remote: bool = False  # imported from the shared tier and not looked up since: its hit says "remote"
+    created: float = field(default_factory=time.time)  # wall clock: a later deletion elsewhere outdates it
+    remote_touched: float = 0.0  # monotonic time its shared copy's expiry was last pushed back
 
     def dram_bytes(self) -> int:
         return sum(c.dram_bytes for c in self.chunks)

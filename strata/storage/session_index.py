@@ -48,6 +48,10 @@ class SessionIndex:
         self.ssd_reserved = 0  # bytes of chunk files being written, reserved before writing
         self.counters: Counter[str] = Counter()
         self._next_expiry = 0.0
+        # Deletions, so saves queued before one do not bring the session back: each save records the epoch
+        # it was queued in; a session deleted in a later epoch drops it. Emptied whenever no save waits.
+        self.deletion_epoch = 0
+        self.deleted_in_epoch: dict[str, int] = {}
 
     def adopt_scan(self, scan: ScanResult) -> None:
         """Start from what the SSD directory holds (after a restart)."""
@@ -111,12 +115,17 @@ class SessionIndex:
 
     def delete(self, session_key: str) -> bool:
         with self.lock:
-            entry = self.entries.pop(session_key, None)
-            self.pins.pop(session_key, None)
-            if entry is None:
-                return False
-            self.drop_all_locked(entry)
-            return True
+            return self.delete_locked(session_key)
+
+    def delete_locked(self, session_key: str) -> bool:
+        self.deletion_epoch += 1
+        self.deleted_in_epoch[session_key] = self.deletion_epoch
+        entry = self.entries.pop(session_key, None)
+        self.pins.pop(session_key, None)
+        if entry is None:
+            return False
+        self.drop_all_locked(entry)
+        return True
 
     def info(self, session_key: str) -> dict[str, Any] | None:
         with self.lock:

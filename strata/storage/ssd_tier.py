@@ -53,8 +53,9 @@ class SsdTier:
         self._writeback_queued: set[str] = set()  # guarded by index.lock, like everything it indexes
         self._prefetch_queued: set[str] = set()
         self.io = JobThread("kv-io", lambda: index.count("background_errors"), idle=index.expire_periodic)
-        # Called with each chunk file once written (path, session file stem, chunk index): the shared tier.
-        self.on_written: Callable[[Path, str, int], None] | None = None
+        # Called with each chunk file once written (path, session file stem, chunk index, when the session
+        # was created): the shared tier.
+        self.on_written: Callable[[Path, str, int, float], None] | None = None
 
     def open(self) -> None:
         """Rebuild the index from the directory, then fit the budget (it may be smaller than last time)."""
@@ -117,7 +118,7 @@ class SsdTier:
             return False
         fsync_dir(self.dir)
         if self.on_written is not None:
-            self.on_written(final, entry.file_stem, chunk.index)
+            self.on_written(final, entry.file_stem, chunk.index, entry.created)
         return True
 
     def reserve_locked(self, size: int, protect: str | None) -> bool:
