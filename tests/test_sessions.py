@@ -111,10 +111,12 @@ def test_corrupt_and_foreign_chunks_are_never_served(tmp_path, reference, model_
     victim.write_bytes(bytes(data))
 
     engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(ssd), kv_chunk_tokens=32))
-    assert engine.store.stats()["corrupt_chunks_discarded"] >= 1
     msgs += [{"role": "assistant", "content": first[1]}, {"role": "user", "content": TURNS[1]}]
     ids = engine.tokenizer.encode_chat(msgs)
     got = answer(engine, "2", ids, "s")
+    # Start-up read only the header; the payload's CRC failed when the chunk was first read for this turn,
+    # and the output is the recomputation's.
+    assert engine.store.stats()["corrupt_chunks_discarded"] >= 1
     assert got[0] == answer(reference, "2", ids, None)[0]
     engine.close()
 

@@ -1,4 +1,9 @@
-"""Rebuild the session index from the chunk files of an SSD directory (after a restart or crash)."""
+"""Rebuild the session index from the chunk files of an SSD directory (after a restart or crash).
+
+Only headers are read here, so start-up time grows with the number of files, not their bytes. A header
+fixes the file's exact size, so a truncated file is caught here too; a payload corrupted on disk is caught
+by its layer's CRC when it is first read to be served (kv_loader, SsdTier.read_chunk), and discarded then.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from strata.storage.chunk_file import (
     ChunkHeader,
     ChunkLayout,
     prefix_hash,
-    validate_file,
+    read_header,
 )
 from strata.storage.session_entry import Chunk, SessionEntry, SsdCopy
 
@@ -43,8 +48,17 @@ def _remove(path: Path) -> None:
         pass
 
 
+def _check_header(path: Path, layout: ChunkLayout) -> ChunkHeader:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_header(fd, layout, os.fstat(fd).st_size)[0]
+    finally:
+        os.close(fd)
+
+
 def scan_directory(directory: Path, layout: ChunkLayout) -> ScanResult:
-    """Check every chunk (header, fingerprint, size, all checksums); delete what must not be served.
+    """Check every chunk's header (its checksum, fingerprint, the file's size); delete what must not be
+    served. The payload's per-layer checksums wait for the first read.
 
     Chunks of a session must chain: consecutive token ranges whose prefix hash matches
     the concatenated ids; the chain stops at the first gap, and later chunks are stale.
@@ -61,7 +75,7 @@ def scan_directory(directory: Path, layout: ChunkLayout) -> ScanResult:
         if not path.name.endswith(SUFFIX):
             continue
         try:
-            header = validate_file(path, layout)
+            header = _check_header(path, layout)
             if path.name != chunk_path(directory, file_stem(header.session_key), header.chunk_index).name:
                 raise ChunkError("format", "file name does not match header")
         except ChunkError as e:
