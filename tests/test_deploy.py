@@ -120,3 +120,87 @@ def test_the_local_router_config_is_accepted_by_nginx(tmp_path: Path):
     r = subprocess.run([nginx_binary(), "-t", "-c", str(conf), "-e", str(tmp_path / "error.log")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _pod_specs(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def test_pods_run_unprivileged_on_a_read_only_root():
+    for name, pod in _pod_specs(_rendered()).items():
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        for c in pod["containers"] + pod.get("initContainers", []):
+            where = (name, c["name"])
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], where
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
+            assert "memory" in c["resources"]["limits"], where
+        for c in pod["containers"]:  # what a long-running container writes goes to a volume, /tmp included
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts.get("/tmp") in empty_dirs, (name, c["name"])
+
+
+def test_grace_period_covers_drain_requests_and_flush():
+    docs = _rendered()
+    pod = _one(docs, "StatefulSet", "strata")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    drain = float(container["lifecycle"]["preStop"]["exec"]["command"][-1].rsplit("(", 1)[1].rstrip(")"))
+    shutdown = float(_one(docs, "ConfigMap", "strata-config")["data"]["STRATA_SHUTDOWN_TIMEOUT"])
+    # After the preStop drain, SIGTERM: in-flight requests get --shutdown-timeout, then the write-back of
+    # the tiers to the SSD gets it again (strata/server/app.py's lifespan).
+    assert pod["terminationGracePeriodSeconds"] >= drain + 2 * shutdown
+
+
+def test_no_api_key_is_committed():
+    """The committed Secret holds a placeholder that the pods' init container refuses; a generated key
+    passes."""
+    import os
+    import secrets
+
+    docs = _rendered()
+    committed = base64.b64decode(_one(docs, "Secret", "strata-api-key")["data"]["STRATA_API_KEY"]).decode()
+    pod = _one(docs, "StatefulSet", "strata")["spec"]["template"]["spec"]
+    (check,) = pod["initContainers"]
+    assert check["env"] == next(c for c in pod["containers"] if c["name"] == "strata")["env"]
+
+    def refused(key: str) -> bool:
+        command = [sys.executable if check["command"][0] == "python" else check["command"][0], *check["command"][1:]]
+        return subprocess.run(command, env={**os.environ, "STRATA_API_KEY": key}, capture_output=True).returncode != 0
+
+    assert refused(committed) and refused("") and refused(secrets.token_hex(32) + ",short")
+    assert not refused(secrets.token_hex(32)) and not refused(f"{secrets.token_hex(16)},{secrets.token_hex(16)}")
+
+
+def test_network_policies_admit_only_the_router_to_strata_and_only_strata_to_redis():
+    docs = _rendered()
+    labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs
+              if d["kind"] in ("Deployment", "StatefulSet")}
+    assert set(labels) == {"strata", "strata-router"}
+    for policy, target, source, port in (("strata", labels["strata"], labels["strata-router"], 8000),
+                                         ("redis", {"app.kubernetes.io/name": "redis"}, labels["strata"], 6379)):
+        spec = _one(docs, "NetworkPolicy", policy)["spec"]
+        assert spec["podSelector"]["matchLabels"] == target and spec["policyTypes"] == ["Ingress"], policy
+        (rule,) = spec["ingress"]
+        assert rule["from"] == [{"podSelector": {"matchLabels": source}}], policy
+        assert rule["ports"] == [{"protocol": "TCP", "port": port}], policy
+
+
+def test_upstream_header_only_when_asked_for(tmp_path: Path):
+    """X-Strata-Upstream names pod addresses: never in the committed config, only where a test asks."""
+    assert "X-Strata-Upstream" not in (K8S / "router-nginx.conf").read_text()
+    assert "X-Strata-Upstream" not in router_config.local([18001], 18000, tmp_path)
+    assert "add_header X-Strata-Upstream $upstream_addr always;" in router_config.kubernetes(2, upstream_header=True)
+
+
+def test_router_closes_idle_connections_before_strata_does():
+    from strata.server.http_server import KEEP_ALIVE_S
+
+    conf = (K8S / "router-nginx.conf").read_text()
+    timeouts = [int(t) for t in re.findall(r"keepalive_timeout (\d+)s;", conf)]
+    assert len(timeouts) == conf.count("\n    upstream ") == 2
+    assert max(timeouts) < KEEP_ALIVE_S
