@@ -27,6 +27,18 @@ class ChoiceResult:
     cache_tier: str | None = None
     skip: SkipReport | None = None
 
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.logprobs
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        self.cache_tier = out.cache_tier
+        self.skip = out.skip  # the last one also names the request's online extra FFNs
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
 
 def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -134,17 +146,7 @@ async def gather_choices(
 ) -> list[ChoiceResult]:
     results = [ChoiceResult() for _ in prompts]
     async for i, out in run_choices(engine, request_id, prompts, params, session_key, truncation, skip, tenant):
-        r = results[i]
         if out.error is not None:
             raise APIError(500, out.error, type="server_error", code="internal_error")
-        r.text += out.new_text
-        r.token_ids += out.new_token_ids
-        r.logprobs += out.logprobs
-        r.num_prompt_tokens = out.num_prompt_tokens
-        r.num_output_tokens = out.num_output_tokens
-        r.num_cached_tokens = out.num_cached_tokens
-        r.cache_tier = out.cache_tier
-        r.skip = out.skip  # the last one also names the request's online extra FFNs
-        if out.finished:
-            r.finish_reason = out.finish_reason
+        results[i].add(out)
     return results

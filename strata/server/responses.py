@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from strata.server.chat import PreparedChat, prepare_chat
 from strata.server.choices import admit, cache_headers, fetch_shared_history, prepend, run_choices
 from strata.server.errors import APIError
 from strata.server.offload import off_loop
+from strata.server.pipeline import prepare
 from strata.server.protocol import (
     ChatCompletionRequest,
     FunctionCallItem,
@@ -132,8 +134,7 @@ class Responses:
         messages = history + _input_messages(body)
         chat = _chat_request(body, messages)
         engine = state.ready_engine()
-        prep: PreparedChat = await off_loop(prepare_chat, state, chat, engine.tokenizer, engine.context_limit,
-                                            engine.grammars)
+        prep = await prepare(state, partial(prepare_chat, state, chat))
         # The chain's first response names the session, unless the client names one itself.
         key = session_key(headers, tenant, f"resp_{root}", None)
         await fetch_shared_history(engine, key, prep.prompt)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from fastapi.responses import StreamingResponse
 
@@ -16,6 +16,10 @@ def sse(data: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
 class EventStream(StreamingResponse):
     """An SSE response whose events are made from `source`, the request's engine outputs.
 
@@ -24,7 +28,6 @@ class EventStream(StreamingResponse):
     first, and an async generator that never started runs no `finally`.
     """
 
-    def __init__(self, events: AsyncIterator[str], source: AsyncGenerator[Any, None],
-                 headers: dict[str, str]) -> None:
+    def __init__(self, events: AsyncIterator[str], source: Closable, headers: dict[str, str]) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"} | headers)
         self.source = source
