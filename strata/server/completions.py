@@ -4,35 +4,26 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
-from strata.engine.grammar import GrammarCompiler
-from strata.engine.request import RequestOutput
+from strata.engine.async_engine import AsyncEngine
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.tokenizer import Tokenizer
-from strata.server.choices import (
-    admit,
-    cache_headers,
-    fetch_shared_history,
-    gather_choices,
-    prepend,
-    run_choices,
-    usage,
-)
-from strata.server.errors import APIError, bad_request
+from strata.server.errors import bad_request
 from strata.server.logprobs import completion_logprobs
-from strata.server.offload import off_loop
+from strata.server.pipeline import Call, Prepared, Run, prepare, start, stream_response
 from strata.server.protocol import CompletionRequest
 from strata.server.sampling import max_new_tokens, sampling_params
-from strata.server.session_key import session_key
-from strata.server.skip import skip_headers, skip_request
 from strata.server.sse import SSE_DONE, EventStream, sse
 from strata.server.state import ServerState
 from strata.server.structured import output_grammar
+from strata.server.usage import usage
 
 
 def _prompts(body: CompletionRequest, tok: Tokenizer) -> list[list[int]]:
@@ -57,14 +48,19 @@ def _prompts(body: CompletionRequest, tok: Tokenizer) -> list[list[int]]:
     return prompts
 
 
-def _prepare(body: CompletionRequest, tok: Tokenizer, limit: int, grammars: GrammarCompiler
-             ) -> tuple[list[list[int]], list[list[int]], list[SamplingParams], list[str]]:
-    """Tokens and sampling parameters of every choice, and the echoed prompts: CPU work, run off the event loop.
+@dataclass(kw_only=True)
+class PreparedCompletion(Prepared):
+    """Each of the request's prompts n times over (choice i*n + j is prompt i's choice j)."""
 
-    Returns (the prompts, each choice's prompt, each choice's parameters, each choice's echo).
-    """
+    echo: list[str]  # what each choice's text starts with: its prompt when `echo` is set, else ""
+    prompt_tokens: int  # of the request's prompts, each counted once
+
+
+def _prepare(body: CompletionRequest, engine: AsyncEngine) -> PreparedCompletion:
+    """Tokens and sampling parameters of every choice, and the echoed prompts: CPU work, run off the event loop."""
+    tok, limit = engine.tokenizer, engine.context_limit
     prompts = _prompts(body, tok)
-    grammar = output_grammar(body, grammars)
+    grammar = output_grammar(body, engine.grammars)
     params: list[SamplingParams] = []
     all_prompts: list[list[int]] = []
     for ids in prompts:
@@ -75,7 +71,8 @@ def _prepare(body: CompletionRequest, tok: Tokenizer, limit: int, grammars: Gram
                                           choice=i, grammar=grammar))
             all_prompts.append(ids)
     echo = [tok.decode(ids) if body.echo else "" for ids in all_prompts]
-    return prompts, all_prompts, params, echo
+    return PreparedCompletion(prompts=all_prompts, params=params, echo=echo,
+                              prompt_tokens=sum(len(ids) for ids in prompts))
 
 
 async def completions(state: ServerState, body: CompletionRequest, headers: Headers, tenant: str
@@ -87,31 +84,22 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
         raise bad_request("best_of other than n is not supported", param="best_of")
     if body.echo and body.logprobs is not None:
         raise bad_request("echo with logprobs (prompt logprobs) is not supported", param="echo")
-    engine = state.ready_engine()
-    tok = engine.tokenizer
-    prompts, all_prompts, params, echo = await off_loop(_prepare, body, tok, engine.context_limit, engine.grammars)
-    key = session_key(headers, tenant, body.prompt_cache_key, body.user)
-    skip = skip_request(state, body.skip, headers)
-    rid = f"cmpl-{uuid.uuid4().hex}"
+    tok = state.ready_engine().tokenizer
+    prep = await prepare(state, partial(_prepare, body))
+    call = Call(request_id=f"cmpl-{uuid.uuid4().hex}", headers=headers, tenant=tenant, stream=body.stream,
+                prompt_cache_key=body.prompt_cache_key, user=body.user, skip=body.skip)
     created = int(time.time())
-    prompt_tokens = sum(len(ids) for ids in prompts)
-    await fetch_shared_history(engine, key, all_prompts[0])
-    admit(engine)
+    run = await start(state, call, prep)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        outputs = run_choices(engine, rid, all_prompts, params, key, skip=skip, tenant=tenant)
-        first = await anext(outputs)  # errors before the first token are plain HTTP errors
-        gen = _stream(state, rid, created, outputs, first, params, include_usage, echo, prompt_tokens)
-        headers = cache_headers(first[1].num_cached_tokens, first[1].cache_tier
-                                                                ) | skip_headers(first[1].skip)
-        return EventStream(gen, outputs, headers)
+        return stream_response(run, _chunks(state, tok, call.request_id, created, prep, run, include_usage))
 
-    results = await gather_choices(engine, rid, all_prompts, params, key, skip=skip, tenant=tenant)
+    results = await run.gather()
     choices = [
         {
             "index": i,
-            "text": echo[i] + r.text,
-            "logprobs": completion_logprobs(tok, r.logprobs, len(echo[i])) if body.logprobs is not None
+            "text": prep.echo[i] + r.text,
+            "logprobs": completion_logprobs(tok, r.logprobs, len(prep.echo[i])) if body.logprobs is not None
             else None,
             "finish_reason": r.finish_reason,
         }
@@ -119,44 +107,34 @@ async def completions(state: ServerState, body: CompletionRequest, headers: Head
     ]
     completion = sum(r.num_output_tokens for r in results)
     return JSONResponse({
-        "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-        "choices": choices, "usage": usage(prompt_tokens, completion, results[0].num_cached_tokens),
+        "id": call.request_id, "object": "text_completion", "created": created, "model": state.model_name,
+        "choices": choices, "usage": usage(prep.prompt_tokens, completion, results[0].num_cached_tokens),
         "system_fingerprint": None,
-    }, headers=cache_headers(results[0].num_cached_tokens, results[0].cache_tier) | skip_headers(results[0].skip))
+    }, headers=run.headers)
 
 
-async def _stream(state: ServerState, rid: str, created: int, outputs: AsyncIterator[tuple[int, RequestOutput]],
-                  first: tuple[int, RequestOutput], params: list[SamplingParams], include_usage: bool,
-                  echo: list[str], prompt_tokens: int) -> AsyncIterator[str]:
-    tok = state.ready_engine().tokenizer
+async def _chunks(state: ServerState, tok: Tokenizer, rid: str, created: int, prep: PreparedCompletion, run: Run,
+                  include_usage: bool) -> AsyncGenerator[str, None]:
+    """The stream's chunks; an error among the outputs ends it (see stream_response)."""
     base: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
                             "model": state.model_name, "system_fingerprint": None}
     if include_usage:
         base["usage"] = None
-    completion = [0] * len(params)
-    offsets = [len(e) for e in echo]
+    completion = [0] * len(prep.params)
+    offsets = [len(e) for e in prep.echo]
     cached = 0
-    for i, e in enumerate(echo):
+    for i, e in enumerate(prep.echo):
         if e:
             yield sse(base | {"choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": None}]})
 
-    try:
-        async for i, out in prepend(first, outputs):
-            if out.error is not None:
-                raise APIError(500, out.error, type="server_error", code="internal_error")
-            completion[i] = out.num_output_tokens
-            cached = out.num_cached_tokens if i == 0 else cached
-            lp = completion_logprobs(tok, out.logprobs, offsets[i]) if params[i].logprobs else None
-            offsets[i] += len(out.new_text)
-            if out.new_text or out.logprobs or out.finished:
-                yield sse(base | {"choices": [{"index": i, "text": out.new_text, "logprobs": lp,
-                                               "finish_reason": out.finish_reason if out.finished else None}]})
-    except APIError as e:
-        yield sse(e.body())
-        yield SSE_DONE
-        return
-    finally:
-        await outputs.aclose()
+    async for i, out in run.outputs():
+        completion[i] = out.num_output_tokens
+        cached = out.num_cached_tokens if i == 0 else cached
+        lp = completion_logprobs(tok, out.logprobs, offsets[i]) if prep.params[i].logprobs else None
+        offsets[i] += len(out.new_text)
+        if out.new_text or out.logprobs or out.finished:
+            yield sse(base | {"choices": [{"index": i, "text": out.new_text, "logprobs": lp,
+                                           "finish_reason": out.finish_reason if out.finished else None}]})
     if include_usage:
-        yield sse(base | {"choices": [], "usage": usage(prompt_tokens, sum(completion), cached)})
+        yield sse(base | {"choices": [], "usage": usage(prep.prompt_tokens, sum(completion), cached)})
     yield SSE_DONE

@@ -1,11 +1,11 @@
-"""AdaSkip per request: body `skip` or header `X-Skip-Sublayers` -> the engine's SkipRequest, and the
-response headers that say what was skipped."""
+"""AdaSkip per request: body `skip` or header `X-Skip-Sublayers` -> the engine's SkipRequest (the headers
+that say what was skipped are in headers.py)."""
 
 from __future__ import annotations
 
 from starlette.datastructures import Headers
 
-from strata.engine.request import SkipReport, SkipRequest
+from strata.engine.request import SkipRequest
 from strata.engine.skip_setup import SkipRejected
 from strata.server.errors import bad_request
 from strata.server.protocol import SkipField
@@ -36,11 +36,3 @@ def skip_request(state: ServerState, field: SkipField | None, headers: Headers) 
         param = param_of if param_of and e.param == "skip.sublayers" else e.param
         raise bad_request(str(e), param=param) from e
     return spec
-
-
-def skip_headers(report: SkipReport | None) -> dict[str, str]:
-    """Like X-Cached-Tokens, in every chat and completions response (a stream's with its first chunk)."""
-    if report is None:
-        return {"X-Skip-Policy": "none", "X-Skip-Mode": "none", "X-Skipped-Sublayers": "none"}
-    return {"X-Skip-Policy": report.policy, "X-Skip-Mode": report.mode,
-            "X-Skipped-Sublayers": ",".join(report.sublayers) or "none"}
