@@ -117,5 +117,6 @@ def test_an_overloaded_server_spills_without_being_marked_down(tmp_path: Path):
             # Right after the burst every session still goes to its own server, the full one's included.
             for upstream, key in home.items():
                 assert _route(router, key) == upstream, key
+        assert "temporarily disabled" not in (cluster.workdir / "nginx" / "error.log").read_text()
     finally:
         cluster.stop()
