@@ -80,7 +80,7 @@ def _uploaded(instances: list[Instance], timeout: float = 15.0) -> None:
 @pytest.mark.slow
 def test_affinity_scale_out_kill_and_restart(tmp_path: Path):
     store = RedisServer(tmp_path / "redis")
-    cluster = Cluster(tmp_path / "cluster", ["--dtype", "float32", "--kv-cache-gb", "0.1", "--remote-kv", store.url],
+    cluster = Cluster(tmp_path / "cluster", ["--dtype", "float32", "--kv-cache-gb", "0.1", *store.strata_args()],
                       upstream_header=True)
     reference = ServerProcess("--kv-cache-gb", "0.1", "--no-session-cache", log=tmp_path / "reference.log")
     try:

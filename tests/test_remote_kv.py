@@ -28,7 +28,7 @@ from cluster import RedisServer  # noqa: E402
 pytestmark = pytest.mark.slow
 
 TURNS = ["Tell me about the moon.", "How far away is it?", "Could people live there?", "Why not?"]
-SEALED_HEAD = 40  # signature magic and tag before the chunk file's bytes
+CREATED = 8  # under the signature, before the chunk file's bytes: when the session was created
 
 
 class Shared:
@@ -168,7 +168,8 @@ def test_a_forged_chunk_with_valid_crcs_is_never_imported(shared: Shared, forger
     msgs, keys = _new_session_on_a(shared, session)
     stranger = ChunkSigner([b"k" * 32])
     for key in keys:
-        forged = _forge(shared.signer.open(key.decode(), shared.redis.get(key)).tobytes())
+        sealed = shared.signer.open(key.decode(), shared.redis.get(key)).tobytes()
+        forged = sealed[:CREATED] + _forge(sealed[CREATED:])
         shared.redis.set(key, forged if forgery == "unsigned" else stranger.seal(key.decode(), forged))
     b = shared.procs["b"]
     imports, refused = _count(b, "imports"), _count(b, "chunks_discarded_signature")
@@ -184,8 +185,9 @@ def test_malformed_and_oversized_values_cost_a_recomputation_not_memory(shared: 
     # A correctly signed chunk whose header has fields of the wrong type (a buggy or compromised writer).
     msgs, keys = _new_session_on_a(shared, "malformed")
     for key in keys:
-        chunk = shared.signer.open(key.decode(), shared.redis.get(key)).tobytes()
-        shared.redis.set(key, shared.signer.seal(key.decode(), _forge(chunk, {"token_ids": "abc"})))
+        sealed = shared.signer.open(key.decode(), shared.redis.get(key)).tobytes()
+        malformed = sealed[:CREATED] + _forge(sealed[CREATED:], {"token_ids": "abc"})
+        shared.redis.set(key, shared.signer.seal(key.decode(), malformed))
     refused = _count(b, "chunks_discarded_format")
     _, cached, tier = _turn(_client(b, "key-b"), msgs, "malformed")
     assert tier == "none" and cached < 32, (tier, cached)
@@ -226,14 +228,16 @@ def test_a_session_deleted_mid_turn_stays_deleted_on_every_server(shared: Shared
     _uploaded(a)
     _uploaded(b)
 
-    # Nothing of it is left on a, nor in the shared tier, and b drops its own copy when next asked.
+    # Nothing of it is left on a, nor in the shared tier, and b drops its own copy when next asked (a's
+    # next turn starts the session afresh, which b does not take for the deleted one).
     assert httpx.get(a.base_url + "/v1/sessions/gone", headers={"Authorization": "Bearer key-a"},
                      timeout=30).status_code == 404
     assert not (shared.chunk_keys() & keys)
     applied = _count(b, "deletions_applied")
-    for server in (b, a):
+    for server in (a, b):
         _, cached, tier = _turn(_client(server), msgs, "gone")
         assert tier == "none" and cached < 32, (server.base_url, tier, cached)
+        _uploaded(server)
     assert _count(b, "deletions_applied") == applied + 1
 
 

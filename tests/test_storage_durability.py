@@ -219,6 +219,7 @@ def test_corruption_found_while_loading(stored):
 
 CHILD = r"""
 import sys
+import threading
 from pathlib import Path
 import torch
 from strata.storage.block_pool import BlockPool
@@ -245,7 +246,9 @@ while True:
         ids, kv = variant_ids(i, v)[:n], variant_kv(i, v)
         bt = BlockTable.allocate(pool, n)
         pool.write(bt.slots(BS, 0, n), kv[:, :, :n])
-        store.lookup(f"s{i}", ids)
+        prepared = threading.Event()  # as the engine does: an edited history is cut back first
+        store.prepare(f"s{i}", ids, False, lambda result: prepared.set())
+        prepared.wait()
         store.save(f"s{i}", ids, bt, 0, n)
         store.finish(f"s{i}", ids)
         bt.release(pool)
@@ -284,8 +287,7 @@ def test_sigkill_mid_save_serves_nothing_wrong(tmp_path, delay):
         info = store.info(f"s{i}")
         if info is None:
             continue
-        # Which history is stored: read it from the first chunk's header (a lookup with the wrong
-        # history would cut the entry back).
+        # Which history is stored: read it from the first chunk's header.
         header = validate_file(ssd / f"{file_stem(f's{i}')}-000000.kvc", LAYOUT)
         v = header.token_ids[0] // 1000 % 1000
         tokens = store.lookup(f"s{i}", _variant_ids(i, v)).tokens

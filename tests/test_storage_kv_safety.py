@@ -24,6 +24,7 @@ from tests.test_storage_kv_store import (
     L,
     make_pool,
     make_store,
+    prepare,
     put_session,
     store_session,
     toks,
@@ -78,8 +79,7 @@ def test_start_load_checks_token_ids_after_a_concurrent_edit(pool, tmp_path):
     assert torch.equal(load_kv(store, "t:a", 100, other), torch.cat([kv[:, :, :40], kv2[:, :, 40:]], dim=2))
     # A cut-back (edited history) between lookup and start_load: fewer tokens than asked for.
     assert store.lookup("t:a", other + [1]) == (100, "dram")
-    store.lookup("t:a", other[:10] + [777])
-    store.flush()
+    prepare(store, "t:a", other[:10] + [777])
     with pytest.raises(KVLoadError):
         store.start_load("t:a", other, 100, BlockTable(L))
     assert torch.equal(load_kv(store, "t:a", 10, other), kv[:, :, :10])

@@ -3,6 +3,7 @@ layer-wise loading. Real BlockPool, real files, random tensors."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
-from strata.storage.kv_store import KVLoadError, KVStore
+from strata.storage.kv_store import KVLoadError, KVStore, Prepared
 from tests.kv_load import load_kv
 
 L, H, D, BS = 4, 2, 16, 16
@@ -44,6 +45,16 @@ def store_session(store: KVStore, pool: BlockPool, key: str, ids: list[int], see
     store.flush()
     bt.release(pool)
     return kv
+
+
+def prepare(store: KVStore, key: str, ids: list[int], truncate: bool = False) -> Prepared:
+    """What the engine does before scheduling a session request; returns once the store is done."""
+    done: list[Prepared] = []
+    ready = threading.Event()
+    store.prepare(key, ids, truncate, lambda result: (done.append(result), ready.set()))
+    assert ready.wait(30), "prepare never called back"
+    store.flush()
+    return done[0]
 
 
 def make_store(pool: BlockPool, tmp_path: Path, **kw) -> KVStore:
@@ -123,15 +134,17 @@ def test_longest_common_prefix_and_edited_history(pool, tmp_path):
     ids = toks(100)
     kv = store_session(store, pool, "t:a", ids, seed=6)
     assert store.lookup("t:a", ids[:50]) == (50, "dram")  # a shorter prompt: no cut
-    store.flush()
+    prepare(store, "t:a", ids[:50])
     assert store.info("t:a")["tokens"] == 100
     assert store.lookup("t:a", [1, 2, 3]) == (0, None)  # diverges at once: a miss...
     store.flush()
-    assert store.info("t:a")["tokens"] == 0  # ... and the entry is cut back to the divergence point
+    assert store.info("t:a")["tokens"] == 100  # ... and a lookup changes nothing
+    prepare(store, "t:a", [1, 2, 3])
+    assert store.info("t:a")["tokens"] == 0  # the request's preparation cuts back to the divergence point
     kv = store_session(store, pool, "t:a", ids, seed=6)
     edited = ids[:70] + [9999] + ids[71:]
     assert store.lookup("t:a", edited) == (70, "dram")
-    store.flush()
+    prepare(store, "t:a", edited)
     assert store.info("t:a")["tokens"] == 70
     assert store.lookup("t:a", ids) == (70, "dram")
     assert torch.equal(load_kv(store, "t:a", 70), kv[:, :, :70])
@@ -145,7 +158,7 @@ def test_cut_back_survives_restart(pool, tmp_path):
     store = make_store(pool, tmp_path)
     ids = toks(100)
     kv = store_session(store, pool, "t:a", ids, seed=7)
-    store.lookup("t:a", ids[:40] + [5555])
+    prepare(store, "t:a", ids[:40] + [5555])
     store.close()
     store = make_store(make_pool(), tmp_path)
     assert store.info("t:a")["tokens"] == 40  # the cut chunk was rewritten, later ones deleted

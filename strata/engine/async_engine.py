@@ -57,6 +57,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()
+        engine.wake = self._wake.set  # a session request the store has prepared can be scheduled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
         self._started = False
@@ -192,13 +193,9 @@ class AsyncEngine:
         return await self._call(lambda e: e.delete_session(key))
 
     async def import_remote_session(self, key: str, prompt_ids: list[int]) -> int:
-        """Bring a session this server does not hold in from the shared KV tier (--remote-kv), before its
-        request is scheduled. On a thread of its own, neither the event loop nor the engine's: the import is
-        bounded by the remote's timeouts, and a remote that is down costs that once (then it is left alone a
-        while) and the history is recomputed. Tokens imported; 0 without a shared tier."""
-        if not self._engine.has_remote_tier:
-            return 0
-        return await asyncio.to_thread(self._engine.import_remote_session, key, prompt_ids)
+        """Nothing left to do here: the KV store prepares each session request (shared-tier import included)
+        on its own thread before the engine schedules it."""
+        return 0
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import threading
+import queue
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,10 +28,12 @@ from strata.engine.weights.model_files import ModelFiles, resolve_model
 from strata.kernels.device import default_device, fast_dtype, resolve_device
 from strata.storage.block_pool import BlockPool
 from strata.storage.chunk_signing import ChunkSigner
-from strata.storage.kv_store import KVStore
+from strata.storage.kv_store import KVStore, Prepared
 from strata.storage.remote_tier import open_backend
 
 log = logging.getLogger(__name__)
+
+PREPARED_WAIT_S = 0.01  # an idle step waits this long for a request the store is preparing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,12 +61,12 @@ class LLMEngine:
         per_block = BlockPool.bytes_per_block(cfg.num_key_value_heads, cfg.head_dim, config.block_size, dtype)
         self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
                               int(config.kv_cache_gb * 2**30) // per_block, dtype, device)
+        self.faults = Faults()
         self.store = self._open_store(config) if config.session_cache else None
         self.kv = KVCacheManager(self.pool, self.store, enabled=config.session_cache)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, self.store, config.kv_load_timeout_s)
         self.stats = EngineStats()
-        self.faults = Faults()
         self.last_step_time: float | None = None  # time.monotonic() of the last step that ran a batch
         self._batch: list[Sequence] = []  # the sequences of the step being run
         self.skips = SkipSetup(config, self.files.directory, self.files.fingerprint, cfg.num_hidden_layers)
@@ -73,9 +76,11 @@ class LLMEngine:
         self.eos_token_ids = sorted(eos)
         self.grammars = GrammarCompiler(self.files.directory, cfg.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
-        # Sessions deleted on another server whose device copy goes at the next step (set by any thread).
-        self._remote_deletions: set[str] = set()
-        self._remote_deletions_lock = threading.Lock()
+        # Session requests whose stored KV the store is preparing (it may wait on storage, the engine never
+        # does); the store's thread hands each back through `_prepared`, the next step schedules it.
+        self._prepared_queue: queue.SimpleQueue[tuple[Sequence, Prepared]] = queue.SimpleQueue()
+        self._preparing = 0
+        self.wake: Callable[[], None] = lambda: None  # the driver's wake-up: a prepared request can run
         self._seed_source = torch.Generator().manual_seed(config.seed)
         log.info("model %s loaded in %.1fs: %d layers, KV cache %d blocks of one layer's %d tokens (%.2f GiB)",
                  self.files.name, time.monotonic() - t0, cfg.num_hidden_layers, self.pool.num_blocks,
@@ -106,6 +111,7 @@ class LLMEngine:
                                 password=config.remote_kv_password, ca_file=config.remote_kv_ca_file)
             if config.remote_kv else None,
             signer=ChunkSigner(list(config.remote_kv_signing_keys)) if config.remote_kv else None,
+            delays=self.faults.storage_delays(),
         )
 
     def close(self, timeout: float = 30.0) -> None:
@@ -140,7 +146,13 @@ class LLMEngine:
         seq = Sequence(request, OutputText(self.tokenizer, p.stop, p.skip_special_tokens), seed,
                        self.model.cfg.num_hidden_layers, skip)
         self._seqs[request.request_id] = seq
-        self.scheduler.add(seq)
+        if self.store is not None and request.session_key:
+            seq.status = SequenceStatus.PREPARING
+            self._preparing += 1
+            self.store.prepare(request.session_key, seq.token_ids, request.truncation is not None,
+                               lambda result: self._prepared(seq, result))
+        else:
+            self.scheduler.add(seq)
 
     def check_skip(self, spec: SkipRequest) -> None:
         """Raise SkipRejected unless the engine can serve this skip request (reads only what never
@@ -155,7 +167,9 @@ class LLMEngine:
         return self._finish(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """Sequences to schedule or run, or being prepared (a step then may schedule nothing; `wake` says
+        when one is ready)."""
+        return self.scheduler.has_work() or self._preparing > 0
 
     def session_info(self, key: str) -> dict | None:
         """Where a session's KV is: tokens in HBM (cached blocks) and in the DRAM/SSD tiers."""
@@ -175,27 +189,37 @@ class LLMEngine:
     def has_remote_tier(self) -> bool:
         return self.store is not None and self.store.remote is not None
 
-    def import_remote_session(self, key: str, prompt_ids: list[int]) -> int:
-        """Before a session's request is scheduled on a server that does not hold it: fetch its KV from the
-        shared tier (any thread; bounded by the remote's timeouts). Tokens imported, 0 if none. A session
-        deleted on another server loses its device copy here too, at the start of the next step."""
-        if self.store is None:
-            return 0
-        result = self.store.import_remote(key, prompt_ids)
-        if result.deleted_elsewhere:
-            with self._remote_deletions_lock:
-                self._remote_deletions.add(key)
-        return result.tokens
+    def _prepared(self, seq: Sequence, result: Prepared) -> None:
+        """The store's thread: the request's stored KV is ready."""
+        self._prepared_queue.put((seq, result))
+        self.wake()
 
-    def _apply_remote_deletions(self) -> None:
-        with self._remote_deletions_lock:
-            keys, self._remote_deletions = self._remote_deletions, set()
-        for key in keys:
-            self.kv.cache.drop(key)
+    def _schedule_prepared(self, wait_s: float) -> None:
+        """Hand the prepared sequences to the scheduler, first waiting up to `wait_s` for one."""
+        while True:
+            try:
+                seq, result = self._prepared_queue.get(timeout=wait_s) if wait_s else self._prepared_queue.get_nowait()
+            except queue.Empty:
+                return
+            wait_s = 0.0
+            self._preparing -= 1
+            if seq.status != SequenceStatus.PREPARING:
+                continue  # aborted or failed meanwhile
+            key = seq.request.session_key
+            assert key is not None
+            # A device copy is outdated by a deletion elsewhere, and by a truncation: its keys sit at their
+            # old positions, the store's copy was re-rotated.
+            if result.deleted_elsewhere or seq.request.truncation is not None:
+                self.kv.cache.drop(key)
+            if result.truncated:
+                self.kv.truncations += 1
+            seq.stored_tier = result.tier
+            seq.status = SequenceStatus.WAITING
+            self.scheduler.add(seq)
 
     def delete_session(self, key: str) -> bool:
         """Forget a session in every tier; its requests in flight keep running but save nothing more."""
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+        for seq in self._seqs.values():
             if seq.request.session_key == key:
                 seq.session_deleted = True
         dropped = self.kv.cache.drop(key)
@@ -228,8 +252,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         self.kv.free_released()
-        if self._remote_deletions:
-            self._apply_remote_deletions()
+        if self._preparing:
+            # Nothing else to run: wait a moment for the store rather than return an empty step at once.
+            self._schedule_prepared(0.0 if self.scheduler.has_work() else PREPARED_WAIT_S)
         batch = self.scheduler.schedule()
         self.stats.preemptions += batch.num_preempted
         if batch.empty:

@@ -16,6 +16,7 @@ from strata.storage.load_handle import LoadHandle
 
 
 class SequenceStatus(enum.Enum):
+    PREPARING = "preparing"  # the store is getting its stored KV ready (import, truncation, SSD reads)
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -35,7 +36,7 @@ class Sequence:
         self.load: LoadHandle | None = None  # a layer-wise load of history KV in flight
         self.acquired = False  # reusable history looked up since (re)admission
         self.num_preemptions = 0
-        self.truncation_applied = False  # the session's stored KV was cut once (never twice on readmission)
+        self.stored_tier: str | None = None  # where the store held its history when it arrived (prepare)
         self.session_deleted = False  # its session was deleted meanwhile: none of its KV is kept
         self.blocks = BlockTable(num_layers)
         self.skip = skip  # AdaSkip state of this request; None: it skips nothing (the plain path)

@@ -81,6 +81,7 @@ class KVLoader:
                     index.counters["prefetches_used"] += 1
             entry.active_loads += 1  # keeps its chunks from eviction and expiry until the load ends
             entry.last_used = time.time()
+            entry.from_remote = False  # its one "remote" hit is this one
         handle = LoadHandle(session_key, num_tokens, self.layout.num_layers, self._readahead)
         # Stalls are charged to the slowest tier the load reads from.
         handle.tier = "dram" if all(p.dram is not None for p in pieces) else "ssd"
@@ -121,6 +122,7 @@ class KVLoader:
             for p in pieces:
                 if p.fd is not None:
                     current = p
+                    self.ssd.delays.before_ssd_read()
                     headers[id(p)] = read_header(p.fd, self.layout, os.fstat(p.fd).st_size)
             with streams.loading(after) if streams is not None and after is not None else nullcontext():
                 for layer in range(self.layout.num_layers):

@@ -8,20 +8,23 @@ never reports the ``"hbm"`` tier: an HBM hit is the engine's business, it asks t
 split as vLLM v1 splits its KV connector into a scheduler side and a worker side:
 
 * scheduler side (engine thread, no I/O): :mod:`.session_index` (entries, lookup, cuts, TTL, pins, the
-  look-ahead window, budgets, counters; its lock guards all the parts);
+  look-ahead window, budgets, counters; its lock guards all the parts); :mod:`.kv_preparer` does, on its own
+  thread, what a request must wait for before it is scheduled (shared-tier import, truncation, SSD reads);
 * tiers: :mod:`.dram_tier` (appending into DRAM chunks, making room) and :mod:`.ssd_tier` (chunk files,
   write-back, prefetch, the I/O thread; start-up scan in :mod:`.ssd_scan`, format in :mod:`.chunk_file`);
 * worker side: :mod:`.kv_loader` (the loader thread, layer by layer) and :mod:`.kv_saver` (the saver
   thread, a byte-bounded queue); :mod:`.truncation` (context overflow, on the saver thread).
 
-Interface (all methods are called from the engine thread; they never block on I/O except ``flush``,
-``close``, ``truncate``, ``tokens`` and ``wait_layer``, each bounded by a timeout)::
+Interface (all methods are called from the engine thread and never block on I/O, except ``flush`` and
+``close`` (shutdown), ``truncate`` and ``tokens`` (the preparer's thread), and ``wait_layer`` (a layer the
+forward pass needs), each bounded by a timeout)::
 
     store = KVStore(pool, model_fingerprint=..., dram_bytes=..., ssd_dir=Path | None, ssd_bytes=...,
                     policy="scheduler" | "lru", ttl_s=3600.0, chunk_tokens=256,
                     rope_inv_freq=None, readahead_layers=None, save_queue_bytes=256 MiB,
                     remote=RemoteBackend | None, signer=ChunkSigner | None)   # a shared tier needs both
-    store.lookup(key, prompt_ids) -> Hit(tokens, tier)   # tier "dram" | "ssd" | None
+    store.prepare(key, prompt_ids, truncate, done)       # before scheduling; done(Prepared) from its thread
+    store.lookup(key, prompt_ids) -> Hit(tokens, tier)   # tier "dram" | "ssd" | "remote" | None; pure
     store.hint_upcoming(keys)                            # waiting queue order, first = next
     store.start_load(key, token_ids, num_tokens, blocks) -> LoadHandle   # blocks: a BlockTable
     store.wait_layer(handle, layer, timeout=None)        # raises KVLoadError: recompute instead
@@ -36,10 +39,12 @@ Interface (all methods are called from the engine thread; they never block on I/
 
 Semantics the engine relies on:
 
+* ``prepare`` runs once per session request before it is scheduled; ``done`` always comes, after which
+  the SSD part of its reusable prefix is in DRAM where DRAM had room. If the prompt diverges from the
+  stored ids (edited history), the entry is cut back to the divergence point (after any pending saves).
 * ``lookup`` returns the longest common prefix of ``prompt_ids`` and the tokens whose save has
   completed; it may equal ``len(prompt_ids)``, the engine must still compute at least the last prompt
-  token. If the prompt diverges from the stored ids (edited history), the entry is cut back to the
-  divergence point (after any pending saves).
+  token. It changes nothing: the scheduler may ask as often as it likes.
 * ``start_load`` checks, under the lock that also pins down the data, that the entry still holds
   ``token_ids[:num_tokens]`` (the requesting sequence's ids) and raises KVLoadError otherwise: a session
   edited between ``lookup`` and ``start_load`` never hands out KV of other tokens. ``blocks`` covers
@@ -101,6 +106,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +118,9 @@ from strata.storage.chunk_file import ChunkLayout
 from strata.storage.chunk_signing import ChunkSigner
 from strata.storage.cuda_streams import CudaStreams
 from strata.storage.dram_tier import DramTier
+from strata.storage.injected_delays import NO_DELAYS, InjectedDelays
 from strata.storage.kv_loader import KVLoader
+from strata.storage.kv_preparer import KVPreparer, Prepared
 from strata.storage.kv_saver import KVSaver
 from strata.storage.load_handle import KVLoadError, LoadHandle
 from strata.storage.remote_tier import RemoteBackend, RemoteImport, RemoteTier
@@ -122,7 +130,7 @@ from strata.storage.truncation import Truncator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hit", "KVLoadError", "KVStore", "LoadHandle"]
+__all__ = ["Hit", "KVLoadError", "KVStore", "LoadHandle", "Prepared"]
 
 
 class KVStore:
@@ -130,7 +138,7 @@ class KVStore:
                  ssd_bytes: int, policy: str = "scheduler", ttl_s: float = 3600.0, chunk_tokens: int = 256,
                  rope_inv_freq: torch.Tensor | None = None, readahead_layers: int | None = None,
                  save_queue_bytes: int = 256 << 20, remote: RemoteBackend | None = None,
-                 signer: ChunkSigner | None = None) -> None:
+                 signer: ChunkSigner | None = None, delays: InjectedDelays = NO_DELAYS) -> None:
         _, _, _, heads, dim = pool.kv.shape
         layers = pool.num_layers
         self.pool = pool
@@ -149,7 +157,7 @@ class KVStore:
 
         self.index = SessionIndex(policy=policy, ttl_s=ttl_s, dram_bytes=dram_bytes, ssd_bytes=self.ssd_bytes,
                                   token_bytes=self.token_bytes)
-        self.ssd = SsdTier(self.index, self.layout, self.ssd_dir, chunk_tokens=chunk_tokens, pin=pin)
+        self.ssd = SsdTier(self.index, self.layout, self.ssd_dir, chunk_tokens=chunk_tokens, pin=pin, delays=delays)
         self.ssd.open()
         self.dram = DramTier(self.index, self.ssd, num_layers=layers, chunk_tokens=chunk_tokens, pin=pin)
         self.loader = KVLoader(self.index, self.ssd, pool, self.layout, streams, readahead_layers or layers)
@@ -159,19 +167,28 @@ class KVStore:
         # The shared tier rides on the SSD tier: what it writes is uploaded, what it lacks is imported.
         if remote is not None and signer is None:
             raise ValueError("a shared tier needs a signer: its chunks are signed")
-        self.remote = (RemoteTier(remote, signer, self.index, model_fingerprint, ttl_s)
+        self.remote = (RemoteTier(remote, signer, self.index, model_fingerprint, ttl_s, delays=delays)
                        if remote is not None and signer is not None and self.ssd_dir is not None else None)
         if self.remote is not None:
             self.ssd.on_written = self.remote.upload
+        self.preparer = KVPreparer(self)
         self._closed = False
 
     # ------------------------------------------------------------------ scheduler side
 
+    def prepare(self, session_key: str, prompt_ids: list[int], truncate: bool,
+                done: Callable[[Prepared], None]) -> None:
+        """Before a session's request is scheduled: whatever storage work it needs (shared-tier import,
+        context-overflow truncation, cut-back of an edited history, SSD -> DRAM), on the preparer's thread;
+        ``done`` is called from there once (see :mod:`.kv_preparer`)."""
+        if self._closed:
+            done(Prepared())
+            return
+        self.preparer.prepare(session_key, prompt_ids, truncate, done)
+
     def lookup(self, session_key: str, prompt_ids: list[int]) -> Hit:
-        hit, diverges = self.index.lookup(session_key, prompt_ids)
-        if diverges:
-            self.saver.cut(session_key, prompt_ids)
-        return hit
+        """The longest stored prefix of the prompt and its tier; no side effects, no I/O."""
+        return self.index.lookup(session_key, prompt_ids)[0]
 
     def hint_upcoming(self, session_keys: list[str]) -> None:
         """The waiting queue's sessions, next first. The first K that fit in DRAM form the
@@ -274,7 +291,7 @@ class KVStore:
             log.warning("KV store closed after %s s with saves or write-backs still pending", timeout)
         self._closed = True
         self.loader.cancel_all()
-        threads = [self.saver.thread, self.ssd.io, self.loader.thread]
+        threads = [self.preparer.thread, self.saver.thread, self.ssd.io, self.loader.thread]
         threads += [self.remote.uploader] if self.remote is not None else []
         for thread in threads:
             thread.stop(10.0 if deadline is None else _left(deadline))

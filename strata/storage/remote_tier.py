@@ -15,10 +15,14 @@ scan checks local files (header field types, fingerprint, every layer's CRC) and
 (index, start, prefix hash, session key), all in memory, and only then is SSD space reserved and the file
 written. Import stops at the prompt: a session costs at most the prompt's tokens plus one chunk.
 
-Deletion sticks: ``forget`` leaves a tombstone (the deletion's wall time) and deletes the chunks; a
-server that holds an older local copy drops it when the session is next asked for, and never uploads it
-again; a session started afresh after the deletion clears the tombstone with its first chunk; a forget
-that finds the remote down is retried when it is back. TTL: a session's keys get their expiry pushed back when it
+Deletion sticks: ``forget`` leaves a tombstone (the deletion's wall time, kept for the TTL) and deletes
+the chunks. Every stored value carries, under its signature, when its session was created; a copy created
+before the tombstone is never imported, never uploaded again, and dropped by a server holding it when the
+session is next asked for, while a session started afresh under the same id after the deletion is shared
+as usual. A forget that finds the remote down is retried when it is back. (Servers compare wall clocks:
+a session re-created within the clock skew of its deletion may be refused once, which costs only reuse.)
+
+TTL: a session's keys get their expiry pushed back when it
 is used (at most every quarter TTL), so long conversations do not lose their shared copy first.
 
 The remote is an optimisation, never a dependency: every call has a short timeout, an error marks the
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
@@ -50,6 +55,7 @@ from strata.storage.chunk_file import (
     validate_bytes,
 )
 from strata.storage.chunk_signing import ChunkSigner
+from strata.storage.injected_delays import NO_DELAYS, InjectedDelays
 from strata.storage.job_thread import JobThread
 from strata.storage.session_entry import Chunk, SessionEntry, SsdCopy, common_prefix
 from strata.storage.session_index import SessionIndex, unlink
@@ -63,6 +69,7 @@ log = logging.getLogger(__name__)
 MAX_CHUNKS = 256  # chunks fetched per session (with 256-token chunks: 64k tokens)
 DOWN_FOR_S = 10.0  # after an error, the remote is left alone this long
 MAX_UNFORGOTTEN = 100_000  # deletions kept for a retry while the remote is down
+_CREATED = struct.Struct("<d")  # before the chunk, under the signature: when its session was created
 
 
 class RemoteBackend(Protocol):
@@ -124,8 +131,9 @@ class RemoteImport(NamedTuple):
 
 class RemoteTier:
     def __init__(self, backend: RemoteBackend, signer: ChunkSigner, index: SessionIndex, fingerprint: str,
-                 ttl_s: float, queue_limit: int = 1024) -> None:
+                 ttl_s: float, queue_limit: int = 1024, delays: InjectedDelays = NO_DELAYS) -> None:
         self.backend = backend
+        self.delays = delays
         self.signer = signer
         self.index = index
         self.fingerprint = fingerprint
@@ -179,9 +187,7 @@ class RemoteTier:
             if deleted_at is not None and created <= deleted_at:  # a copy older than a deletion elsewhere
                 self.index.count("remote_uploads_dropped_deleted")
                 return
-            if deleted_at is not None and chunk_index == 0:  # the session started again after its deletion
-                self.backend.delete_many([self.tombstone_key(stem)])
-            self.backend.put(key, self.signer.seal(key, data), self.ttl_s)
+            self.backend.put(key, self.signer.seal(key, _CREATED.pack(created) + data), self.ttl_s)
         except Exception as e:
             self._failed("upload", e)
             return
@@ -203,6 +209,7 @@ class RemoteTier:
                 self.index.count("remote_skipped_down")
                 return
             key = self.key(stem, i)
+            self.delays.before_remote_read()
             try:
                 size, blob = self.backend.get_capped(key, max_chunk_bytes)
             except Exception as e:
@@ -231,13 +238,13 @@ class RemoteTier:
     def import_session(self, ssd: SsdTier, key: str, prompt_ids: list[int]) -> RemoteImport:
         """Bring a session this server does not hold from the remote into its SSD tier.
 
-        A session with a tombstone is not imported; what this server holds of it is dropped from the
-        store's tiers when older than the deletion (``deleted_elsewhere``: the engine then drops its device
-        copy too). A session held here and not deleted gets its shared copy's expiry pushed back.
+        What this server holds of a session is dropped when created before its deletion elsewhere (its
+        tombstone; ``deleted_elsewhere``: the engine then drops its device copy too); what it holds otherwise
+        gets its shared copy's expiry pushed back. Chunks created before the tombstone are never imported.
 
         Each fetched chunk is verified (signature, then as a local file at start-up: fingerprint, header,
-        every layer's CRC), must continue the chain (index, start, prefix hash) and
-        belong to this session, all before anything is written; the SSD space is reserved before each
+        every layer's CRC), must continue the chain (index, start, prefix hash) and belong to this session,
+        all before anything is written; the SSD space is reserved before each
         write. The entry comes in marked ``from_remote``: its first hit reports tier "remote".
         """
         index = self.index
@@ -251,15 +258,22 @@ class RemoteTier:
             return RemoteImport(0)
         with index.lock:
             held = index.entries.get(key)
-            if deleted_at is not None and (held is None or held.created <= deleted_at):
-                if held is not None:
-                    index.delete_locked(key)
-                    index.counters["remote_deletions_applied"] += 1
+            if held is not None and deleted_at is not None and held.created <= deleted_at:
+                index.delete_locked(key)
+                index.counters["remote_deletions_applied"] += 1
                 return RemoteImport(0, deleted_elsewhere=True)
             if held is not None:
                 self._touch_locked(held)
                 return RemoteImport(0)
-        max_chunk_bytes = (self.signer.overhead + MAX_HEADER_BYTES
+        # Not in this store; a device copy from before a deletion must go even if nothing newer comes in.
+        deleted_elsewhere = deleted_at is not None
+        imported = self._import(ssd, key, stem, prompt_ids, deleted_at)
+        return RemoteImport(imported, deleted_elsewhere)
+
+    def _import(self, ssd: SsdTier, key: str, stem: str, prompt_ids: list[int], deleted_at: float | None) -> int:
+        assert ssd.dir is not None
+        index = self.index
+        max_chunk_bytes = (self.signer.overhead + _CREATED.size + MAX_HEADER_BYTES
                            + ssd.layout.num_layers * ssd.layout.layer_bytes(ssd.chunk_tokens))
         entry = SessionEntry(key=key, file_stem=stem)
         staged: list[tuple[Path, ChunkHeader, int]] = []  # verified chunks in temporary files, space reserved
@@ -268,11 +282,16 @@ class RemoteTier:
                 if i == 0:
                     index.count("remote_fetches")
                 try:
-                    chunk = self.signer.open(store_key, blob)
+                    sealed = self.signer.open(store_key, blob)
+                    created, chunk = _CREATED.unpack(sealed[:_CREATED.size])[0], sealed[_CREATED.size:]
+                    if deleted_at is not None and created <= deleted_at:
+                        raise ChunkError("deleted", f"session created at {created}, deleted at {deleted_at}")
                     header = validate_bytes(chunk, ssd.layout)
-                except ChunkError as e:
-                    index.count(f"remote_chunks_discarded_{e.reason}")
+                except (ChunkError, struct.error) as e:
+                    index.count(f"remote_chunks_discarded_{getattr(e, 'reason', 'format')}")
                     break
+                if i == 0:
+                    entry.created = created  # the session's own creation, wherever that was
                 tokens = entry.tokens + header.token_ids
                 if header.session_key != key or header.chunk_index != i or header.start != len(entry.tokens) \
                         or header.prefix_hash != prefix_hash(tokens):
@@ -289,10 +308,10 @@ class RemoteTier:
                 if common_prefix(entry.tokens, prompt_ids) < len(entry.tokens):
                     break  # the prompt left this session's history (or ends here): the rest is of no use
             if not staged:
-                return RemoteImport(0)
+                return 0
             with index.lock:
                 if key in index.entries:
-                    return RemoteImport(0)
+                    return 0
                 for tmp, header, size in staged:
                     final = chunk_path(ssd.dir, stem, header.chunk_index)
                     commit(tmp, final)
@@ -309,11 +328,11 @@ class RemoteTier:
                 index.counters["remote_imports"] += 1
                 index.counters["tokens_imported_remote"] += len(entry.tokens)
             fsync_dir(ssd.dir)
-            return RemoteImport(len(entry.tokens))
+            return len(entry.tokens)
         except OSError as e:
             log.warning("importing session KV from the remote tier failed: %s", e)
             index.count("remote_errors")
-            return RemoteImport(0)
+            return 0
         finally:
             with index.lock:
                 index.ssd_reserved -= sum(size for _, _, size in staged)

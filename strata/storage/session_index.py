@@ -71,22 +71,21 @@ class SessionIndex:
     # ------------------------------------------------------------------ scheduler-facing
 
     def lookup(self, session_key: str, prompt_ids: list[int]) -> tuple[Hit, bool]:
-        """The longest cached prefix, and whether the entry must be cut back (the prompt diverges from it)."""
-        now = time.time()
+        """The longest stored prefix of the prompt, and whether the entry goes on past the point where the
+        prompt diverges from it. No side effects (the scheduler may ask again and again): a request's
+        preparation counts its lookup and cuts the entry back, its load marks the entry used."""
         with self.lock:
-            self.maybe_expire_locked(now)
             entry = self.entries.get(session_key)
             lcp = common_prefix(entry.tokens, prompt_ids) if entry is not None else 0
             diverges = entry is not None and lcp < len(entry.tokens) and lcp < len(prompt_ids)
             if entry is None or lcp == 0:
-                self.counters["lookups_miss"] += 1
                 return Hit(0, None), diverges
             on_disk = any(c.dram is None for c in entry.chunks_for(lcp))
             tier = "remote" if entry.from_remote else "ssd" if on_disk else "dram"
-            entry.from_remote = False
-            entry.last_used = now
-            self.counters[f"lookups_hit_{tier}"] += 1
             return Hit(lcp, tier), diverges
+
+    def count_lookup(self, hit: Hit) -> None:
+        self.count(f"lookups_hit_{hit.tier}" if hit.tier else "lookups_miss")
 
     def set_window(self, session_keys: list[str]) -> list[str]:
         """The first sessions of the waiting queue that fit in DRAM become the look-ahead window;

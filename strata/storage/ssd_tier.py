@@ -31,6 +31,7 @@ from strata.storage.chunk_file import (
     write_temp,
 )
 from strata.storage.eviction import eviction_order
+from strata.storage.injected_delays import NO_DELAYS, InjectedDelays
 from strata.storage.job_thread import JobThread
 from strata.storage.session_entry import Chunk, SessionEntry, SsdCopy
 from strata.storage.session_index import SessionIndex, unlink
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 
 class SsdTier:
     def __init__(self, index: SessionIndex, layout: ChunkLayout, ssd_dir: Path | None, *, chunk_tokens: int,
-                 pin: bool) -> None:
+                 pin: bool, delays: InjectedDelays = NO_DELAYS) -> None:
         self.index = index
+        self.delays = delays
         self.layout = layout
         self.dir = ssd_dir  # None: no SSD tier (DRAM only); the I/O thread still runs TTL upkeep
         self.chunk_tokens = chunk_tokens
@@ -173,15 +175,22 @@ class SsdTier:
 
     def _prefetch(self, key: str, dram: DramTier) -> None:
         """SSD -> DRAM for a look-ahead window session, evicting only clean chunks outside the window."""
-        index = self.index
-        with index.lock:
+        with self.index.lock:
             self._prefetch_queued.discard(key)
+        self.prefetch(key, dram, in_window=True)
+
+    def prefetch(self, key: str, dram: DramTier, *, in_window: bool, num_tokens: int | None = None) -> None:
+        """Read the session's chunks that only the SSD holds (those covering its first ``num_tokens``, or
+        all) into DRAM, evicting only clean chunks outside the window; stops at the first that does not fit
+        or fails its check. ``in_window``: only while the session is in the look-ahead window."""
+        index = self.index
         while True:
             with index.lock:
                 entry = index.entries.get(key)
-                if entry is None or key not in index.window:
+                if entry is None or (in_window and key not in index.window):
                     return
-                chunk = next((c for c in entry.chunks if c.dram is None and c.on_ssd), None)
+                chunks = entry.chunks if num_tokens is None else entry.chunks_for(num_tokens)
+                chunk = next((c for c in chunks if c.dram is None and c.on_ssd), None)
                 if chunk is None:
                     return
                 assert chunk.ssd is not None
@@ -209,6 +218,7 @@ class SsdTier:
 
     def read_chunk(self, chunk: Chunk, path: Path, n: int) -> torch.Tensor:
         """All layers of one chunk file, checked: [layers, 2, n, kv_heads, head_dim]."""
+        self.delays.before_ssd_read()
         fd = os.open(path, os.O_RDONLY)
         try:
             header, offset = read_header(fd, self.layout, os.fstat(fd).st_size)

@@ -27,7 +27,6 @@ import logging
 from collections import Counter
 
 from strata.engine.kv_cache.device_cache import DeviceCache
-from strata.engine.kv_cache.stored_cut import stored_cut
 from strata.engine.sequence import Sequence
 from strata.storage.block_pool import BlockPool
 from strata.storage.block_table import BlockTable
@@ -46,7 +45,7 @@ class KVCacheManager:
         self.hits: Counter[str] = Counter()  # by tier, "none" for misses
         self.tokens_reused: Counter[str] = Counter()
         self.load_failures = 0
-        self.truncations = 0  # sessions whose stored KV was cut for a context overflow
+        self.truncations = 0  # sessions whose stored KV was cut for a context overflow (by the store's preparer)
         self.skip_tokens_not_saved = 0  # tokens whose KV was computed with skipping, so dropped
         self._deferred: list[tuple[LoadHandle, BlockTable]] = []  # blocks a cancelled load may still write
 
@@ -125,8 +124,6 @@ class KVCacheManager:
         anonymous = not seq.request.session_key
         # Everything computed so far counts (after a preemption, generated tokens too).
         ids = seq.token_ids
-        if not anonymous:
-            self._truncate(key, seq)
         n, cached = self.cache.take(key, ids, whole_blocks_only=anonymous)
         tier = None
         if n:
@@ -161,29 +158,9 @@ class KVCacheManager:
             self.load_failures += 1
             return None
         seq.blocks, seq.num_computed = blocks, n
-        return hit.tier
-
-    def _truncate(self, key: str, seq: Sequence) -> None:
-        """Context overflow: cut the session's stored KV as its prompt was cut (later keys re-rotated).
-
-        The cached device blocks still hold the keys at their old positions, so they are dropped
-        and the lookup that follows hits the re-rotated copy in DRAM/SSD. Any failure only
-        costs reuse: the lookup compares token ids, so a stale or short entry is never misused.
-        """
-        if seq.request.truncation is None or seq.truncation_applied or self.store is None:
-            return
-        seq.truncation_applied = True  # once: a preempted sequence is acquired again
-        self.cache.drop(key)
-        try:
-            # The request's range is in the client's full history; the stored ids may be cut already.
-            cut = stored_cut(self.store.tokens(key), seq.token_ids[: seq.num_prompt_tokens])
-            if cut is None:
-                return
-            self.store.truncate(key, *cut)
-        except (KeyError, ValueError, KVLoadError) as e:
-            log.info("session %s not truncated in the store, its prompt is recomputed: %s", key, e)
-            return
-        self.truncations += 1
+        # Reported as where the history was when the request arrived: SSD (or the shared tier) even when
+        # the store has read it into DRAM before the request was scheduled.
+        return seq.stored_tier or hit.tier
 
     def give_back(self, seq: Sequence) -> None:
         """A waiting sequence that cannot be admitted now keeps nothing: what it acquired is cached
