@@ -55,6 +55,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="scheduler: prefetch and protect the sessions of queued requests; lru: plain LRU")
     p.add_argument("--session-ttl", type=float, default=3600.0,
                    help="seconds an idle session's KV is kept before it expires from every tier")
+    p.add_argument("--response-ttl", type=float, default=30 * 86400.0,
+                   help="seconds a stored response (/v1/responses, store: true) is kept (OpenAI: 30 days)")
+    p.add_argument("--response-quota-mb", type=float, default=256.0,
+                   help="stored responses per API key on this server, in MiB (beyond: 429 insufficient_quota); "
+                        "with --ssd-dir they count in the SSD tier's budget")
     p.add_argument("--context-overflow", choices=["truncate", "error"], default="truncate",
                    help="a chat prompt with no room left for the completion: drop its oldest non-system "
                         "messages (reusing the session's re-rotated KV), or answer 400 context_length_exceeded")
@@ -145,7 +150,8 @@ def serve(args: argparse.Namespace) -> None:
             remote_kv_username=args.remote_kv_user, remote_kv_password=remote_password,
             remote_kv_ca_file=args.remote_kv_ca_file, remote_kv_signing_keys=signing_keys,
             eviction_policy=args.eviction_policy,
-            session_ttl_s=args.session_ttl, skip_policy=args.skip_policy, skip_sublayers=args.skip_sublayers,
+            session_ttl_s=args.session_ttl, response_ttl_s=args.response_ttl,
+            response_quota_mb=args.response_quota_mb, skip_policy=args.skip_policy, skip_sublayers=args.skip_sublayers,
             skip_mode=args.skip_mode,
         ),
         served_model_name=args.served_model_name,

@@ -31,6 +31,7 @@ from strata.engine.llm_engine import LLMEngine, RequestRejected
 from strata.engine.request import Request, RequestOutput, SkipRequest
 from strata.engine.stats import EngineSnapshot
 from strata.engine.tokenizer import Tokenizer
+from strata.storage.response_records import RecordQuotaExceeded as ResponseQuotaExceeded  # noqa: F401 (for the server)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -196,6 +197,27 @@ class AsyncEngine:
         """Nothing left to do here: the KV store prepares each session request (shared-tier import included)
         on its own thread before the engine schedules it."""
         return 0
+
+    # ------------------------------------------------------------------ stored responses
+    # Records of /v1/responses (store: true): local, in the SSD budget, and shared with --remote-kv. On a
+    # thread of their own: they read files and the shared store, never on the event loop or engine thread.
+
+    async def store_response(self, tenant: str, response_id: str, record: dict[str, Any]) -> None:
+        """Keep a response's record; ResponseQuotaExceeded when the tenant's quota or the SSD budget is full."""
+        await asyncio.to_thread(self._engine.responses.put, tenant, response_id, record)
+
+    async def stored_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self._engine.responses.get, tenant, response_id)
+
+    async def delete_stored_response(self, tenant: str, response_id: str) -> bool:
+        return await asyncio.to_thread(self._engine.responses.delete, tenant, response_id)
+
+    async def request_response_cancel(self, tenant: str, response_id: str) -> None:
+        """Ask the server running a response (maybe another one) to stop it."""
+        await asyncio.to_thread(self._engine.responses.request_cancel, tenant, response_id)
+
+    async def response_cancel_requested(self, tenant: str, response_id: str) -> bool:
+        return await asyncio.to_thread(self._engine.responses.cancel_requested, tenant, response_id)
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)

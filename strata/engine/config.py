@@ -32,6 +32,8 @@ class EngineConfig:
     remote_kv_username: str | None = None  # Redis ACL user (None: the default user)
     remote_kv_password: str | None = field(default=None, repr=False)
     remote_kv_ca_file: str | None = None  # CA bundle that verifies a rediss:// server (None: the system's)
+    response_ttl_s: float = 30 * 86400.0  # stored responses expire after this (OpenAI keeps 30 days)
+    response_quota_mb: float = 256.0  # stored responses per tenant on one server
     # HMAC keys of the shared tier's chunks (the first signs, all verify); required with remote_kv.
     remote_kv_signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
     # AdaSkip: the policy for every request, and the default of requests that do not ask (0 = no skipping).

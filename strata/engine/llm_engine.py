@@ -30,6 +30,7 @@ from strata.storage.block_pool import BlockPool
 from strata.storage.chunk_signing import ChunkSigner
 from strata.storage.kv_store import KVStore, Prepared
 from strata.storage.remote_tier import open_backend
+from strata.storage.response_records import ResponseRecords
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,16 @@ class LLMEngine:
         self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
                               int(config.kv_cache_gb * 2**30) // per_block, dtype, device)
         self.faults = Faults()
+        # The shared tier's store and the key its values are signed with (KV chunks and response records).
+        self._remote = (open_backend(config.remote_kv, config.remote_kv_timeout_s, username=config.remote_kv_username,
+                                     password=config.remote_kv_password, ca_file=config.remote_kv_ca_file)
+                        if config.remote_kv else None)
+        self._signer = ChunkSigner(list(config.remote_kv_signing_keys)) if config.remote_kv else None
         self.store = self._open_store(config) if config.session_cache else None
+        self.responses = ResponseRecords(
+            Path(config.ssd_dir) / "responses" if config.ssd_dir else None, ttl_s=config.response_ttl_s,
+            tenant_quota_bytes=int(config.response_quota_mb * 2**20),
+            ssd=self.store.ssd if self.store is not None else None, remote=self._remote, signer=self._signer)
         self.kv = KVCacheManager(self.pool, self.store, enabled=config.session_cache)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, self.store, config.kv_load_timeout_s)
@@ -107,10 +117,8 @@ class LLMEngine:
             ttl_s=config.session_ttl_s,
             chunk_tokens=config.kv_chunk_tokens,
             rope_inv_freq=self.model.inv_freq,
-            remote=open_backend(config.remote_kv, config.remote_kv_timeout_s, username=config.remote_kv_username,
-                                password=config.remote_kv_password, ca_file=config.remote_kv_ca_file)
-            if config.remote_kv else None,
-            signer=ChunkSigner(list(config.remote_kv_signing_keys)) if config.remote_kv else None,
+            remote=self._remote,
+            signer=self._signer,
             delays=self.faults.storage_delays(),
         )
 

@@ -37,6 +37,9 @@ class Request:
     truncation: tuple[int, int] | None = None
     # Who sent it (a hash of the API key): anonymous prefix reuse never crosses tenants.
     tenant: str = "public"
+    # False: nothing of this request's KV is kept after it (no session save, no cached device blocks); it
+    # may still reuse what is stored (e.g. a Responses call with store: false continuing a stored chain).
+    keep_kv: bool = True
 
 
 @dataclass

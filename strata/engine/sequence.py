@@ -55,6 +55,11 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
 
+    @property
+    def keeps_kv(self) -> bool:
+        """Whether its KV may be saved to the session tiers and cached for other requests."""
+        return self.request.keep_kv and not self.session_deleted
+
     def attn_skips_next(self) -> set[int]:
         """Attention layers the next step of this sequence skips (its tokens need no KV blocks there)."""
         if self.skip is None:

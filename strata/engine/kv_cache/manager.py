@@ -193,7 +193,7 @@ class KVCacheManager:
         """The K/V of tokens [start, end) are now in the sequence's blocks."""
         key = seq.request.session_key
         end = min(end, self.reusable(seq))
-        if self.store is not None and key and end > start and not seq.session_deleted:
+        if self.store is not None and key and end > start and seq.keeps_kv:
             self.store.save(key, seq.token_ids, seq.blocks, start, end)
 
     def release(self, seq: Sequence, keep: bool, finished: bool = True) -> None:
@@ -203,7 +203,7 @@ class KVCacheManager:
         if seq.load is not None:  # its history may be half loaded: nothing of it is kept
             self._drop_load(seq)
             keep = False
-        keep = keep and not seq.session_deleted
+        keep = keep and seq.keeps_kv
         key = self.cache_key(seq)
         computed = seq.token_ids[: seq.num_computed]
         reusable = computed[: self.reusable(seq)]
