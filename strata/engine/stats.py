@@ -81,6 +81,7 @@ class EngineSnapshot:
     hbm_evictions: int
     skip_tokens_not_saved: int
     store: dict[str, float]
+    responses: dict[str, float]  # stored response records (responses_<key>)
     skip_profile_loaded: bool
     skip_policy: str
 
@@ -94,5 +95,6 @@ class EngineSnapshot:
             kv_hits=dict(kv.hits), kv_tokens_reused=dict(kv.tokens_reused), kv_load_failures=kv.load_failures,
             hbm_evictions=kv.cache.evicted_entries, skip_tokens_not_saved=kv.skip_tokens_not_saved,
             store=e.store.stats() if e.store is not None else {},
+            responses=e.responses.stats(),
             skip_profile_loaded=e.skips.profile is not None, skip_policy=e.skips.policy_name,
         )

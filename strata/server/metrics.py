@@ -141,6 +141,17 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
     yield remote
     yield GaugeMetricFamily("strata_kv_remote_upload_queue", "Chunks waiting to be uploaded to the shared tier",
                             value=st.get("remote_upload_queue", 0.0))
+    rs = snap.responses
+    yield GaugeMetricFamily("strata_responses_stored", "Stored responses (/v1/responses, store: true) on this server",
+                            value=rs.get("responses_count", 0.0))
+    yield GaugeMetricFamily("strata_responses_stored_bytes", "Bytes of the stored responses on this server (in the "
+                            "SSD budget with --ssd-dir)", value=rs.get("responses_bytes", 0.0))
+    records = CounterMetricFamily("strata_responses_records", "Stored responses: written, expired, refused for the "
+                                  "quota or budget, shared-store errors and refused (forged) shared records",
+                                  labels=["event"])
+    for event in ("stored", "expired", "refused_quota", "remote_errors", "remote_discarded"):
+        records.add_metric([event], rs.get(f"responses_{event}", 0.0))
+    yield records
 
 
 def _skip_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
