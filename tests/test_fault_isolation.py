@@ -175,16 +175,41 @@ def test_a_failing_request_ends_alone(tmp_path):
         assert httpx.get(base + "/health").json()["status"] == "ok"
 
 
+def running_and_waiting(srv: ServerProcess) -> tuple[float, float]:
+    """Both gauges from one scrape: one engine snapshot."""
+    values = dict(line.split(" ") for line in httpx.get(srv.base_url + "/metrics", timeout=5).text.splitlines()
+                  if line.startswith(("strata_requests_running ", "strata_requests_waiting ")))
+    return float(values["strata_requests_running"]), float(values["strata_requests_waiting"])
+
+
 def test_a_failed_forward_pass_ends_only_its_batch(tmp_path):
-    """Step 3 raises (injected): the requests of that batch end with an error, later ones are served."""
-    procs = {"s": ServerProcess(env={"STRATA_INJECT_FAULT": "step=3"}, log=tmp_path / "s.log")}
+    """Step 200 raises (injected) while one request runs and its neighbour waits outside the batch
+    (--max-num-seqs 1): the running one ends with an error; the neighbour is then served, token for token
+    as alone, and no blocks stay held."""
+    procs = {"s": ServerProcess("--max-num-seqs", "1", env={"STRATA_INJECT_FAULT": "step=200"},
+                                log=tmp_path / "s.log")}
     with started(procs):
-        base = procs["s"].base_url
-        _, error = stream_until_end(base, {"model": MODEL, "messages": VICTIM, "max_tokens": 16, "stream": True})
-        assert error is not None and "injected" in error
-        assert httpx.get(base + "/health").status_code == 200
-        assert len(victim_text(base, max_tokens=16)) > 0
-        assert procs["s"].metric("strata_kv_blocks_used") == 0
+        srv = procs["s"]
+        solo = victim_text(srv.base_url, max_tokens=32)  # steps 1 to 32
+        # Runs until the failed step: ignore_eos and more tokens than steps are left.
+        failing = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a thousand."}],
+                   "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(stream_until_end, srv.base_url, failing)
+            while srv.metric("strata_requests_running") == 0:
+                assert not bad.done(), bad.result()
+                time.sleep(0.02)
+            neighbour = pool.submit(victim_text, srv.base_url, 32)
+            # One scrape (taken on the engine thread) shows the neighbour queued while the failing request
+            # still runs, so it was in the engine, outside the batch, when that batch failed.
+            while running_and_waiting(srv) != (1, 1):
+                assert not bad.done(), "the failing request ended before its neighbour was queued"
+                time.sleep(0.02)
+            _, error = bad.result()
+            assert error is not None and "injected" in error
+            assert neighbour.result() == solo
+        assert httpx.get(srv.base_url + "/health").status_code == 200
+        assert srv.metric("strata_kv_blocks_used") == 0
 
 
 def test_engine_death_is_seen_at_once(tmp_path):
