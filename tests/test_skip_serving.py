@@ -189,6 +189,17 @@ def chat(srv: ServerProcess, msgs: list[dict], n: int = 4, **kw) -> tuple[str, h
     return r.choices[0].message.content or "", raw.headers, r.usage.prompt_tokens, r.usage.completion_tokens
 
 
+def respond(srv: ServerProcess, text: str, n: int = 4, **kw) -> tuple[str, httpx.Headers]:
+    """Greedy reply through /v1/responses: (text, response headers)."""
+    c = client_of(srv)
+    raw = c.responses.with_raw_response.create(model=c.models.list().data[0].id, input=text, max_output_tokens=n,
+                                               temperature=0, **kw)
+    return raw.parse().output_text, raw.headers
+
+
+SKIP_HEADERS = ("x-skip-policy", "x-skip-mode", "x-skipped-sublayers")
+
+
 def names(skip_set) -> str:
     return ",".join([f"attn{i}" for i in sorted(skip_set.attn)] + [f"ffn{i}" for i in sorted(skip_set.ffn)])
 
@@ -216,6 +227,43 @@ def test_skip_by_body_and_header_reports_what_was_skipped(servers, model_dirs):
     text = httpx.get(srv.base_url + "/metrics").text
     assert 'strata_skip_requests_total{mode="e2e",policy="adaskip"}' in text
     assert srv.metric("strata_skip_profile_loaded") == 1
+
+
+def test_responses_skip_as_chat_does(servers):
+    """The Responses endpoint takes the same `skip` field and header and answers as chat does for the same
+    input (a response is a session's turn: chat's gets a session of its own too, so that neither reuses
+    the other's prefix): the same skipped output and the same headers, streamed or not."""
+    srv = servers["calibrated"]
+    question = QUESTION[0]["content"]
+
+    def chat_turn(name: str, headers: dict[str, str], **kw) -> tuple[str, httpx.Headers]:
+        text, h, _, _ = chat(srv, QUESTION, n=12, extra_headers={"X-Session-ID": f"as-responses-{name}"} | headers,
+                             **kw)
+        return text, h
+
+    plain, _ = chat_turn("plain", {})
+    for name, headers, body in (("header", {"X-Skip-Sublayers": "16"}, {}),
+                                ("body", {}, {"skip": {"sublayers": 16, "mode": "decode"}}),
+                                ("both", {"X-Skip-Sublayers": "4"}, {"skip": {"sublayers": 16}})):
+        text, h = chat_turn(name, headers, extra_body=body)
+        assert text != plain and h["x-skip-policy"] == "adaskip"  # skipping changes this answer
+        got, rh = respond(srv, question, n=12, extra_headers=headers, extra_body=body)
+        assert got == text
+        assert [rh[k] for k in SKIP_HEADERS] == [h[k] for k in SKIP_HEADERS]
+    got, rh = respond(srv, question, n=12)
+    assert got == plain and rh["x-skip-policy"] == "none" and rh["x-skipped-sublayers"] == "none"
+    # Streamed, the headers come before the first event.
+    _, h = chat_turn("streamed", {"X-Skip-Sublayers": "16"})
+    c = client_of(srv)
+    with httpx.stream("POST", srv.base_url + "/v1/responses", headers={"X-Skip-Sublayers": "16"}, timeout=120,
+                      json={"model": c.models.list().data[0].id, "input": question, "max_output_tokens": 12,
+                            "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200 and [r.headers[k] for k in SKIP_HEADERS] == [h[k] for k in SKIP_HEADERS]
+        last = r.read().decode().rsplit("event: ", 1)[1]
+        assert last.startswith(("response.completed", "response.incomplete"))
+    with pytest.raises(openai.BadRequestError) as e:
+        respond(srv, question, extra_headers={"X-Skip-Sublayers": "99"})
+    assert e.value.param == "X-Skip-Sublayers"
 
 
 @pytest.mark.parametrize(("body", "headers", "param"), [

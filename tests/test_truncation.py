@@ -9,6 +9,7 @@ stored KV, (c) the kept KV left at its old positions.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import pydoc
 
@@ -222,6 +223,34 @@ def test_overflow_error_mode_keeps_the_400(servers):
     assert r.json()["error"]["code"] == "context_length_exceeded"
     r = chat(servers["sessions"], messages + [{"role": "user", "content": "Summarize."}], None)
     assert r.status_code == 200 and int(r.headers["X-Truncated-Tokens"]) > 0
+
+
+def test_responses_truncate_as_chat_does(servers):
+    """The Responses endpoint fits an overflowing conversation as chat does: the same X-Truncated-Tokens,
+    prompt tokens and answer for the same messages."""
+    srv = servers["reference"]
+    model = httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    messages = [{"role": "system", "content": "Be brief."}]
+    for text in PARAGRAPHS:
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": text}]
+    messages.append({"role": "user", "content": "Summarize."})
+    r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert r.status_code == 200 and int(r.headers["X-Truncated-Tokens"]) > 0
+    for stream in (False, True):
+        resp = httpx.post(srv.base_url + "/v1/responses", timeout=120, json={
+            "model": model, "input": messages, "max_output_tokens": MAX_TOKENS, "temperature": 0, "stream": stream})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Truncated-Tokens"] == r.headers["X-Truncated-Tokens"]
+        if stream:
+            last = json.loads(resp.text.rstrip().rsplit("data: ", 1)[1])
+            assert last["type"] in ("response.completed", "response.incomplete")
+            body = last["response"]
+        else:
+            body = resp.json()
+        assert body["usage"]["input_tokens"] == r.json()["usage"]["prompt_tokens"]
+        text = "".join(p["text"] for item in body["output"] for p in item["content"])
+        assert text == r.json()["choices"][0]["message"]["content"]
 
 
 def test_fit_messages_drops_oldest_whole_messages(tokenizer):

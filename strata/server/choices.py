@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
 
 from strata.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestRejected
 from strata.engine.request import Request, RequestOutput, SkipReport, SkipRequest, TokenLogprob
@@ -40,26 +39,8 @@ class ChoiceResult:
             self.finish_reason = out.finish_reason
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-async def prepend(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]]
-                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The stream again, with its first item (awaited before the response started) in front."""
-    yield first
-    async for item in rest:
-        yield item
-
-
-def cache_headers(cached_tokens: int, tier: str | None, truncated: int = 0) -> dict[str, str]:
-    """Per-tier detail of a hit goes in headers, not in the OpenAI body."""
-    return {"X-Cached-Tokens": str(cached_tokens), "X-Cache-Tier": tier or "none",
-            "X-Truncated-Tokens": str(truncated)}
-
-
 def engine_error(e: Exception) -> APIError:
+    """The engine's refusal as the HTTP error it answers (anything else is re-raised: a bug)."""
     if isinstance(e, RequestRejected):
         return bad_request(str(e))
     if isinstance(e, EngineOverloaded):
@@ -73,22 +54,6 @@ def engine_error(e: Exception) -> APIError:
     raise e
 
 
-async def fetch_shared_history(engine: AsyncEngine, key: str | None, prompt: list[int]) -> None:
-    """A session this server does not hold may be in the shared KV tier (--remote-kv, another server served
-    it before): bring it in before the request is scheduled. Off the event loop; a remote that is down or
-    slow costs only its timeout once (then it is left alone a while) and the history is recomputed."""
-    if key:
-        await engine.import_remote_session(key, prompt)
-
-
-def admit(engine: AsyncEngine) -> None:
-    """Refuse up front (before a stream starts) when the engine cannot take more work."""
-    try:
-        engine.check_admission()
-    except (EngineOverloaded, EngineDead) as e:
-        raise engine_error(e) from e
-
-
 async def run_choices(
     engine: AsyncEngine,
     request_id: str,
@@ -98,7 +63,7 @@ async def run_choices(
     truncation: tuple[int, int] | None = None,
     skip: SkipRequest | None = None,
     tenant: str = "public",
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Yields (choice index, output). Leaving early (disconnect) aborts every choice."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
@@ -132,21 +97,3 @@ async def run_choices(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def gather_choices(
-    engine: AsyncEngine,
-    request_id: str,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    session_key: str | None,
-    truncation: tuple[int, int] | None = None,
-    skip: SkipRequest | None = None,
-    tenant: str = "public",
-) -> list[ChoiceResult]:
-    results = [ChoiceResult() for _ in prompts]
-    async for i, out in run_choices(engine, request_id, prompts, params, session_key, truncation, skip, tenant):
-        if out.error is not None:
-            raise APIError(500, out.error, type="server_error", code="internal_error")
-        results[i].add(out)
-    return results

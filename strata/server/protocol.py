@@ -296,6 +296,7 @@ class ResponsesRequest(_Body):
     stream: bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
+    skip: SkipField | None = None  # strata extension (AdaSkip), as chat's; header X-Skip-Sublayers when absent
 
     @field_validator("metadata")
     @classmethod

@@ -2,8 +2,9 @@
 
 A response is a chat turn underneath: its input items become chat messages after those of the response it
 follows (previous_response_id), tools and text.format become chat's tools and response_format, and the
-chat path prepares and runs it. A chain of responses is one session: its KV is kept and reused from
-HBM, DRAM or SSD like any session's, keyed by the chain's first response.
+chat path prepares it and the serving pipeline runs it (skip and headers as chat's). A chain of responses is
+one session: its KV is kept and reused from HBM, DRAM or SSD like any session's, keyed by the chain's first
+response.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,9 @@ from starlette.datastructures import Headers
 
 from strata.engine.request import RequestOutput
 from strata.server.chat import PreparedChat, prepare_chat
-from strata.server.choices import admit, cache_headers, fetch_shared_history, prepend, run_choices
 from strata.server.errors import APIError
 from strata.server.offload import off_loop
-from strata.server.pipeline import prepare
+from strata.server.pipeline import Call, Run, prepare, start, stream_response
 from strata.server.protocol import (
     ChatCompletionRequest,
     FunctionCallItem,
@@ -34,7 +34,6 @@ from strata.server.protocol import (
     ResponsesRequest,
 )
 from strata.server.response_store import ResponseStore
-from strata.server.session_key import session_key
 from strata.server.sse import EventStream
 from strata.server.state import ServerState
 from strata.server.tool_calls import ToolCallStream, new_call_id, parse_tool_output
@@ -115,7 +114,7 @@ class Responses:
         ssd = state.settings.engine.ssd_dir
         self.state = state
         self.store = ResponseStore(Path(ssd) / "responses" if ssd else None)
-        self._running: dict[str, _Run] = {}
+        self._running: dict[str, _Response] = {}
 
     # -- create ----------------------------------------------------------------------------------------
 
@@ -133,35 +132,30 @@ class Responses:
         root = root or rid
         messages = history + _input_messages(body)
         chat = _chat_request(body, messages)
-        engine = state.ready_engine()
         prep = await prepare(state, partial(prepare_chat, state, chat))
         # The chain's first response names the session, unless the client names one itself.
-        key = session_key(headers, tenant, f"resp_{root}", None)
-        await fetch_shared_history(engine, key, prep.prompt)
-        admit(engine)
-        run = _Run(self, rid, body, tenant, root, messages, prep, time.time())
-        outputs = run.tracked(run_choices(engine, rid, [prep.prompt], prep.params, key, prep.truncation, None,
-                                          tenant))
-        self._running[rid] = run
-        if body.stream:
-            # Wait for the first token: errors before it are plain HTTP errors (as chat's).
-            try:
-                first = await anext(outputs)
-            except BaseException:
-                await outputs.aclose()
-                raise
-            return EventStream(run.events(first, outputs), outputs,
-                               cache_headers(first[1].num_cached_tokens, first[1].cache_tier))
+        call = Call(request_id=rid, headers=headers, tenant=tenant, stream=body.stream,
+                    prompt_cache_key=f"resp_{root}", skip=body.skip)
+        response = _Response(self, rid, body, tenant, root, messages, prep, time.time())
+        self._running[rid] = response  # from now on it can be cancelled, also while the first token comes
         try:
-            await run.consume(outputs)
-            await outputs.aclose()
-            response = await run.finish()
+            run = await start(state, call, prep)
+        except BaseException:
+            response.ended()
+            raise
+        response.run = run
+        if body.stream:
+            return stream_response(run, response.events(run), source=response)
+        try:
+            await response.consume(run)
+            await run.aclose()
+            final = await response.finish()
         finally:
-            await outputs.aclose()
-            run.ended()
-        if run.error is not None:  # stored as failed; the caller gets chat's error
-            raise APIError(500, run.error, type="server_error", code="internal_error")
-        return JSONResponse(response, headers=cache_headers(run.cached, run.tier))
+            await run.aclose()
+            response.ended()
+        if response.failure is not None:  # stored as failed; the caller gets chat's error
+            raise response.failure
+        return JSONResponse(final, headers=run.headers)
 
     # -- retrieve, delete, cancel ------------------------------------------------------------------------
 
@@ -178,21 +172,21 @@ class Responses:
 
     async def cancel(self, response_id: str, tenant: str) -> dict[str, Any]:
         """A running response stops at its next token and is stored as cancelled; a finished one is a 400."""
-        run = self._running.get(response_id)
-        if run is None or run.tenant != tenant:
+        response = self._running.get(response_id)
+        if response is None or response.tenant != tenant:
             if await off_loop(self.store.get, tenant, response_id) is None:
                 raise _not_found(response_id)
             raise APIError(400, f"Response '{response_id}' is not running; only a running response can be "
                            "cancelled.", code="response_not_running")
-        run.cancelled.set()
+        response.cancelled.set()
         try:
-            await asyncio.wait_for(run.done.wait(), timeout=30)
+            await asyncio.wait_for(response.done.wait(), timeout=30)
         except TimeoutError:
             pass
-        return run.final or run.response("cancelled", run.output("cancelled"))
+        return response.final or response.response("cancelled", response.output("cancelled"))
 
 
-class _Run:
+class _Response:
     """One response being generated: its text, calls and usage as the outputs come, and its events."""
 
     def __init__(self, api: Responses, rid: str, body: ResponsesRequest, tenant: str, root: str,
@@ -203,48 +197,50 @@ class _Run:
         self.finish_reason: str | None = None
         self.output_tokens = 0
         self.cached = 0
-        self.tier: str | None = None
-        self.error: str | None = None
+        self.failure: APIError | None = None  # what ended the outputs early
+        self.run: Run | None = None  # its choice on the engine, once started
         self.cancelled = asyncio.Event()
         self.done = asyncio.Event()  # the final state is known (and stored)
         self.final: dict[str, Any] | None = None
-        self.read = False  # the outputs are being read (by consume or events), which end the run
+        self.read = False  # the outputs are being read (by consume or events), which end the response
 
     def ended(self) -> None:
         self.done.set()
         self.api._running.pop(self.rid, None)
 
-    async def tracked(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]
-                      ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        """The engine outputs. Closed by a disconnect before the event stream started, they end the run;
-        otherwise whoever reads them ends it once the final state is stored."""
-        try:
-            async for item in outputs:
-                yield item
-        finally:
-            await outputs.aclose()
-            if not self.read:
-                self.ended()
+    async def aclose(self) -> None:
+        """The response's source, as EventStream names it: closed by a disconnect before the event stream
+        started, it ends the response; otherwise whoever reads the outputs ends it once the final state is
+        stored."""
+        if self.run is not None:
+            await self.run.aclose()
+        if not self.read:
+            self.ended()
 
     @property
     def plan(self) -> ToolPlan | None:
         return self.prep.tools
 
+    @property
+    def error(self) -> str | None:
+        return self.failure.message if self.failure is not None else None
+
     def _take(self, out: RequestOutput) -> None:
-        if out.error is not None:
-            self.error = out.error
         self.text += out.new_text
         self.output_tokens = out.num_output_tokens
-        self.cached, self.tier = out.num_cached_tokens, out.cache_tier
+        self.cached = out.num_cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
 
-    async def consume(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> None:
+    async def consume(self, run: Run) -> None:
         self.read = True
-        async for _, out in outputs:
-            self._take(out)
-            if self.cancelled.is_set():
-                return
+        try:
+            async for _, out in run.outputs():
+                self._take(out)
+                if self.cancelled.is_set():
+                    return
+        except APIError as e:
+            self.failure = e
 
     @property
     def status(self) -> str:
@@ -303,8 +299,8 @@ class _Run:
 
     # -- streaming ---------------------------------------------------------------------------------------
 
-    async def events(self, first: tuple[int, RequestOutput], outputs: AsyncGenerator[tuple[int, RequestOutput], None]
-                     ) -> AsyncIterator[str]:
+    async def events(self, run: Run) -> AsyncGenerator[str, None]:
+        """The response's events; an error among the outputs is its response.failed event."""
         seq = 0
         output: list[dict[str, Any]] = []
         message: dict[str, Any] | None = None  # the open message item
@@ -369,10 +365,8 @@ class _Run:
             yield event("response.created", response=self.response("in_progress", []))
             yield event("response.in_progress", response=self.response("in_progress", []))
             try:
-                async for _, out in prepend(first, outputs):
+                async for _, out in run.outputs():
                     self._take(out)
-                    if self.error is not None:
-                        break
                     deltas = [{"content": out.new_text}] if stream is None else stream.feed(out.new_text)
                     if stream is not None and out.finished:
                         deltas += stream.finish()
@@ -381,8 +375,10 @@ class _Run:
                             yield ev
                     if self.cancelled.is_set():
                         break
+            except APIError as e:
+                self.failure = e
             finally:
-                await outputs.aclose()  # a disconnect or a cancel lands here: aborts the engine request
+                await run.aclose()  # a disconnect or a cancel lands here: aborts the engine request
             status = self.status
             for ev in close_message(status):
                 yield ev
