@@ -140,3 +140,16 @@ def test_cancel_a_running_response(client, model_name, server):
     while server.metric("strata_requests_running"):
         assert time.monotonic() < deadline, "the cancelled request kept running"
         time.sleep(0.1)
+
+
+def test_store_false_keeps_no_kv(client, model_name, server):
+    """A stored response's chain is a session the server keeps; one with store: false leaves none behind."""
+    import httpx
+
+    kw = dict(model=model_name, input="Describe a quiet harbour at dawn in one short sentence.",
+              max_output_tokens=4, temperature=0)
+    kept = client.responses.create(**kw)
+    gone = client.responses.create(store=False, **kw)
+    sessions = server.base_url + "/v1/sessions/resp_"
+    assert httpx.get(sessions + kept.id, timeout=30).status_code == 200
+    assert httpx.get(sessions + gone.id, timeout=30).status_code == 404

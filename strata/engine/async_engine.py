@@ -193,11 +193,6 @@ class AsyncEngine:
         """Forget a session's KV in every tier; False when nothing was stored."""
         return await self._call(lambda e: e.delete_session(key))
 
-    async def import_remote_session(self, key: str, prompt_ids: list[int]) -> int:
-        """Nothing left to do here: the KV store prepares each session request (shared-tier import included)
-        on its own thread before the engine schedules it."""
-        return 0
-
     # ------------------------------------------------------------------ stored responses
     # Records of /v1/responses (store: true): local, in the SSD budget, and shared with --remote-kv. On a
     # thread of their own: they read files and the shared store, never on the event loop or engine thread.
@@ -211,6 +206,17 @@ class AsyncEngine:
 
     async def delete_stored_response(self, tenant: str, response_id: str) -> bool:
         return await asyncio.to_thread(self._engine.responses.delete, tenant, response_id)
+
+    @property
+    def shares_responses(self) -> bool:
+        """Stored responses are shared with other servers (--remote-kv): any of them may retrieve or cancel."""
+        return self._engine.responses.shared
+
+    async def mark_response_running(self, tenant: str, response_id: str, running: bool) -> None:
+        await asyncio.to_thread(self._engine.responses.mark_running, tenant, response_id, running)
+
+    async def response_running_elsewhere(self, tenant: str, response_id: str) -> bool:
+        return await asyncio.to_thread(self._engine.responses.is_running, tenant, response_id)
 
     async def request_response_cancel(self, tenant: str, response_id: str) -> None:
         """Ask the server running a response (maybe another one) to stop it."""

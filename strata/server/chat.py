@@ -48,6 +48,7 @@ class PreparedChat(Prepared):
     """Every choice has the conversation's prompt."""
 
     tools: ToolPlan | None  # the tools the model may or must call
+    kept_messages: list[int] | None = None  # after a context-overflow cut: which messages the model saw
 
     @property
     def prompt(self) -> list[int]:
@@ -76,7 +77,8 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, engine: AsyncE
         for p in params:
             p.skip_special_tokens = False  # [TOOL_CALLS] is a special token: the parser must see it
     return PreparedChat(prompts=[prompt] * body.n, params=params, truncation=fitted.truncation if fitted else None,
-                        dropped_tokens=fitted.dropped_tokens if fitted else 0, tools=plan)
+                        dropped_tokens=fitted.dropped_tokens if fitted else 0, tools=plan,
+                        kept_messages=fitted.kept if fitted else None)
 
 
 def _grammar(body: ChatCompletionRequest, plan: ToolPlan | None, grammars: GrammarCompiler) -> Grammar | None:

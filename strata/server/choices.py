@@ -63,6 +63,7 @@ async def run_choices(
     truncation: tuple[int, int] | None = None,
     skip: SkipRequest | None = None,
     tenant: str = "public",
+    keep_kv: bool = True,
 ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Yields (choice index, output). Leaving early (disconnect) aborts every choice."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -80,7 +81,7 @@ async def run_choices(
     tasks = [
         asyncio.create_task(pump(i, Request(f"{request_id}-{i}", prompt, p, session_key if i == 0 else None,
                                             skip=skip, truncation=truncation if i == 0 else None,
-                                            tenant=tenant)))
+                                            tenant=tenant, keep_kv=keep_kv)))
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
     ]
     remaining = len(tasks)

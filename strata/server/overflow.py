@@ -27,6 +27,7 @@ MAX_RESERVE = 512
 @dataclass
 class Fitted:
     messages: list[Message]  # what is left of the conversation
+    kept: list[int]  # the indices of those messages in the conversation
     prompt_ids: list[int]
     dropped_messages: int
     dropped_tokens: int
@@ -47,8 +48,11 @@ def fit_messages(encode: Callable[[list[Message]], list[int]], messages: list[Me
     """
     first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
 
-    def kept(j: int) -> list[Message]:  # messages[first:j] dropped, system messages kept
-        return [m for i, m in enumerate(messages) if i >= j or i < first or m["role"] == "system"]
+    def kept_indices(j: int) -> list[int]:  # messages[first:j] dropped, system messages kept
+        return [i for i, m in enumerate(messages) if i >= j or i < first or m["role"] == "system"]
+
+    def kept(j: int) -> list[Message]:
+        return [messages[i] for i in kept_indices(j)]
 
     def fits(j: int) -> list[int] | None:
         try:
@@ -69,7 +73,7 @@ def fit_messages(encode: Callable[[list[Message]], list[int]], messages: list[Me
             lo = mid + 1
     ids = fits(lo)
     assert ids is not None
-    return Fitted(kept(lo), ids, len(messages) - len(kept(lo)), len(full_ids) - len(ids),
+    return Fitted(kept(lo), kept_indices(lo), ids, len(messages) - len(kept(lo)), len(full_ids) - len(ids),
                   dropped_range(full_ids, ids))
 
 

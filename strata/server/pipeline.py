@@ -1,10 +1,10 @@
 """The serving pipeline chat, completions and responses share.
 
 An endpoint converts its request into a `Prepared` one (off the event loop, see `prepare`) and a `Call`;
-`start` resolves the session key and the skip request, brings the session in from the shared KV tier,
-admits the call and starts its choices on the engine; the `Run` it returns is read whole (`gather`) or as a
-stream (`outputs`, answered by `stream_response`), and says every header of the response. The endpoint then
-only converts outputs into its own response shapes.
+`start` resolves the session key and the skip request, admits the call and starts its choices on the engine
+(which prepares a session's stored KV itself, the shared tier's included); the `Run` it returns is read
+whole (`gather`) or as a stream (`outputs`, answered by `stream_response`), and says every header of the
+response. The endpoint then only converts outputs into its own response shapes.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Call:
     prompt_cache_key: str | None = None
     user: str | None = None
     skip: SkipField | None = None
+    keep_kv: bool = True  # False: nothing of its KV is kept after it (Responses with store: false)
 
 
 async def prepare(state: ServerState, make: Callable[[AsyncEngine], P]) -> P:
@@ -68,11 +69,9 @@ async def start(state: ServerState, call: Call, prepared: Prepared) -> Run:
     engine = state.ready_engine()
     key = session_key(call.headers, call.tenant, call.prompt_cache_key, call.user)
     skip = skip_request(state, call.skip, call.headers)
-    if key:  # a session this server does not hold may be in the shared tier (--remote-kv)
-        await engine.import_remote_session(key, prepared.prompts[0])
     _admit(engine)
     choices = run_choices(engine, call.request_id, prepared.prompts, prepared.params, key, prepared.truncation,
-                          skip, call.tenant)
+                          skip, call.tenant, call.keep_kv)
     first = await anext(choices) if call.stream else None
     return Run(choices, first, len(prepared.prompts), prepared.dropped_tokens)
 

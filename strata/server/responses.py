@@ -15,12 +15,12 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from strata.engine.async_engine import AsyncEngine, ResponseQuotaExceeded
 from strata.engine.request import RequestOutput
 from strata.server.chat import PreparedChat, prepare_chat
 from strata.server.errors import APIError
@@ -33,7 +33,6 @@ from strata.server.protocol import (
     InputMessage,
     ResponsesRequest,
 )
-from strata.server.response_store import ResponseStore
 from strata.server.sse import EventStream
 from strata.server.state import ServerState
 from strata.server.tool_calls import ToolCallStream, new_call_id, parse_tool_output
@@ -107,13 +106,16 @@ def _assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     return {"role": "assistant", "content": text or None} | ({"tool_calls": calls} if calls else {})
 
 
+CANCEL_POLL_S = 1.0  # how often a running response asks the shared store whether it was cancelled elsewhere
+CANCEL_WAIT_S = 30.0  # how long a cancel waits for the response's final state
+
+
 class Responses:
-    """The endpoints' state: the store, and the responses running now (so that they can be cancelled)."""
+    """The endpoints' state: the responses running here now (so that they can be cancelled). Stored
+    records live in the engine's store (expiry, quota, SSD budget, shared between servers with --remote-kv)."""
 
     def __init__(self, state: ServerState) -> None:
-        ssd = state.settings.engine.ssd_dir
         self.state = state
-        self.store = ResponseStore(Path(ssd) / "responses" if ssd else None)
         self._running: dict[str, _Response] = {}
 
     # -- create ----------------------------------------------------------------------------------------
@@ -123,19 +125,23 @@ class Responses:
         state.check_model(body.model)
         history: list[dict[str, Any]] = []
         root = None
+        engine = state.ready_engine()
         if body.previous_response_id:
-            record = await off_loop(self.store.get, tenant, body.previous_response_id)
+            record = await engine.stored_response(tenant, body.previous_response_id)
             if record is None:
                 raise _not_found(body.previous_response_id, "previous_response_id")
             history, root = record["messages"], record["session"]
         rid = f"resp_{uuid.uuid4().hex}"
         root = root or rid
         messages = history + _input_messages(body)
-        chat = _chat_request(body, messages)
+        chat = await off_loop(_chat_request, body, messages)  # a long history is validated off the event loop
         prep = await prepare(state, partial(prepare_chat, state, chat))
-        # The chain's first response names the session, unless the client names one itself.
+        if prep.kept_messages is not None:  # a context overflow cut the history: keep what the model saw
+            messages = [messages[i] for i in prep.kept_messages]
+        # The chain's first response names the session, unless the client names one itself. Without store,
+        # the chain's stored KV may be read but nothing of this response is kept.
         call = Call(request_id=rid, headers=headers, tenant=tenant, stream=body.stream,
-                    prompt_cache_key=f"resp_{root}", skip=body.skip)
+                    prompt_cache_key=f"resp_{root}", skip=body.skip, keep_kv=bool(body.store))
         response = _Response(self, rid, body, tenant, root, messages, prep, time.time())
         self._running[rid] = response  # from now on it can be cancelled, also while the first token comes
         try:
@@ -144,6 +150,8 @@ class Responses:
             response.ended()
             raise
         response.run = run
+        if engine.shares_responses:
+            response.watch_shared_cancel(engine)
         if body.stream:
             return stream_response(run, response.events(run), source=response)
         try:
@@ -160,24 +168,36 @@ class Responses:
     # -- retrieve, delete, cancel ------------------------------------------------------------------------
 
     async def retrieve(self, response_id: str, tenant: str) -> dict[str, Any]:
-        record = await off_loop(self.store.get, tenant, response_id)
+        record = await self.state.ready_engine().stored_response(tenant, response_id)
         if record is None:
             raise _not_found(response_id)
         return record["response"]
 
     async def delete(self, response_id: str, tenant: str) -> dict[str, Any]:
-        if not await off_loop(self.store.delete, tenant, response_id):
+        if not await self.state.ready_engine().delete_stored_response(tenant, response_id):
             raise _not_found(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     async def cancel(self, response_id: str, tenant: str) -> dict[str, Any]:
-        """A running response stops at its next token and is stored as cancelled; a finished one is a 400."""
+        """A running response stops at its next token and is stored as cancelled; a finished one is a 400.
+        With a shared store, one running on another server is asked to stop and its final state awaited."""
+        engine = self.state.ready_engine()
         response = self._running.get(response_id)
         if response is None or response.tenant != tenant:
-            if await off_loop(self.store.get, tenant, response_id) is None:
+            if await engine.stored_response(tenant, response_id) is not None:
+                raise APIError(400, f"Response '{response_id}' is not running; only a running response can be "
+                               "cancelled.", code="response_not_running")
+            if not (engine.shares_responses and await engine.response_running_elsewhere(tenant, response_id)):
                 raise _not_found(response_id)
-            raise APIError(400, f"Response '{response_id}' is not running; only a running response can be "
-                           "cancelled.", code="response_not_running")
+            await engine.request_response_cancel(tenant, response_id)
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while time.monotonic() < deadline:
+                record = await engine.stored_response(tenant, response_id)
+                if record is not None:
+                    return record["response"]
+                await asyncio.sleep(0.25)
+            raise APIError(504, f"Response '{response_id}' did not stop within {CANCEL_WAIT_S:g} s.",
+                           type="server_error", code="cancel_timeout")
         response.cancelled.set()
         try:
             await asyncio.wait_for(response.done.wait(), timeout=30)
@@ -203,10 +223,28 @@ class _Response:
         self.done = asyncio.Event()  # the final state is known (and stored)
         self.final: dict[str, Any] | None = None
         self.read = False  # the outputs are being read (by consume or events), which end the response
+        self._watcher: asyncio.Task[None] | None = None  # polls for a cancel made on another server
 
     def ended(self) -> None:
         self.done.set()
         self.api._running.pop(self.rid, None)
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def watch_shared_cancel(self, engine: AsyncEngine) -> None:
+        """Let a cancel arriving at another server stop this response (polled from the shared store)."""
+        async def watch() -> None:
+            await engine.mark_response_running(self.tenant, self.rid, True)
+            try:
+                while not self.done.is_set():
+                    await asyncio.sleep(CANCEL_POLL_S)
+                    if await engine.response_cancel_requested(self.tenant, self.rid):
+                        self.cancelled.set()
+                        return
+            finally:
+                await asyncio.shield(engine.mark_response_running(self.tenant, self.rid, False))
+
+        self._watcher = asyncio.create_task(watch())
 
     async def aclose(self) -> None:
         """The response's source, as EventStream names it: closed by a disconnect before the event stream
@@ -293,7 +331,11 @@ class _Response:
         if self.body.store:
             record = {"response": response, "session": self.root,
                       "messages": self.messages + [_assistant_message(output)]}
-            await off_loop(self.api.store.put, self.tenant, self.rid, record)
+            try:
+                await self.api.state.ready_engine().store_response(self.tenant, self.rid, record)
+            except ResponseQuotaExceeded as e:
+                raise APIError(429, f"The response was not stored: {e}.", type="insufficient_quota",
+                               code="insufficient_quota") from e
         self.final = response
         return response
 

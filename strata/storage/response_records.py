@@ -119,6 +119,20 @@ class ResponseRecords:
                                                 r.delete_many([self._remote_key(key)])))
         return existed
 
+    @property
+    def shared(self) -> bool:
+        return self._remote is not None
+
+    def mark_running(self, tenant: str, response_id: str, running: bool) -> None:
+        """Say in the shared store that a response is being generated (so another server can cancel it)."""
+        key = self._remote_key((tenant, response_id)) + ":running"
+        self._call_remote("running mark", lambda r: r.put(key, b"1", 3600.0) if running else r.delete_many([key]))
+
+    def is_running(self, tenant: str, response_id: str) -> bool:
+        key = self._remote_key((tenant, response_id)) + ":running"
+        got = self._call_remote("running read", lambda r: r.get_capped(key, 8))
+        return bool(got and got[0])
+
     def request_cancel(self, tenant: str, response_id: str) -> None:
         """Ask whichever server runs the response to stop it (a flag in the shared store)."""
         key = (tenant, response_id)
