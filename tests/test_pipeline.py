@@ -49,9 +49,6 @@ class ScriptedEngine:
     def check_admission(self) -> None:
         pass
 
-    async def import_remote_session(self, key: str, prompt_ids: list[int]) -> int:
-        return 0
-
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         try:
             for out in self.script:
