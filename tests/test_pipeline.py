@@ -38,16 +38,25 @@ class ScriptedEngine:
     context_limit = 2048
     grammars = None
 
+    shares_responses = False
+
     def __init__(self, tokenizer: Tokenizer, script: list[RequestOutput]) -> None:
         self.tokenizer = tokenizer
         self.script = script
         self.closed: list[str] = []
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
 
     def check_skip(self, spec: SkipRequest) -> None:
         pass
 
     def check_admission(self) -> None:
         pass
+
+    async def store_response(self, tenant: str, response_id: str, record: dict[str, Any]) -> None:
+        self.records[tenant, response_id] = record
+
+    async def stored_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:
+        return self.records.get((tenant, response_id))
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         try:
