@@ -29,7 +29,7 @@ test: $(STAMP) services
 # What the scale-out tests and `make cluster` run: Debian's nginx (the router) and redis-server (the shared tier).
 services:
 	@(command -v nginx || test -x /usr/sbin/nginx) >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 \
-		|| sh deploy/install_services.sh
+		&& command -v openssl >/dev/null 2>&1 || sh deploy/install_services.sh
 
 # N strata servers behind the session-affine nginx router on one machine (ARGS: flags for every server;
 # REMOTE=1: with a local shared KV tier).
