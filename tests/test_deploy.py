@@ -5,6 +5,8 @@ the router config is the one template, accepted by nginx."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import kubernetes_validate
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,48 +22,140 @@ K8S = REPO / "deploy" / "kubernetes"
 sys.path.insert(0, str(REPO / "deploy"))
 import router_config  # noqa: E402
 
+# What the fallback renderer understands; anything else in the kustomization fails the render instead of
+# being left out of it.
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "replicas", "configMapGenerator",
+                      "secretGenerator", "patches"}
+NAMESPACED_KINDS = {"StatefulSet", "Deployment", "Service", "ConfigMap", "Secret", "NetworkPolicy"}
 
-def _rendered() -> list[dict]:
-    """`kubectl kustomize` where kubectl is installed; elsewhere the subset of kustomize this kustomization
-    uses (resources, namespace, replicas, env/file generators without hash suffixes, JSON patches)."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is not None:
-        out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
-        return [d for d in yaml.safe_load_all(out) if d]
+
+class UnsupportedKustomization(Exception):
+    """The kustomization uses something the fallback renderer does not implement: install kubectl."""
+
+
+def _strict_keys(what: str, node: dict, allowed: set[str]) -> None:
+    if not set(node) <= allowed:
+        raise UnsupportedKustomization(f"{what}: {sorted(set(node) - allowed)}")
+
+
+def _kustomize_hash(obj: dict) -> str:
+    """kustomize's name suffix for a generated ConfigMap or Secret (api/hasher): sha256 of Go's JSON of
+    kind, name, (type,) data; its first 10 hex digits with 0, 1, 3, a, e replaced (no vowels, no look-alikes).
+    The name is empty there (its lookup of "metadata/name" finds no field of that name)."""
+    fields = {"kind": obj["kind"], "name": "", "data": obj["data"]}
+    if obj["kind"] == "Secret":
+        fields["type"] = obj["type"]
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")  # as Go escapes them
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
+
+
+def _name_references(pod: dict) -> list[tuple[str, dict, str]]:
+    """(kind, node, key) of each ConfigMap or Secret name a pod spec refers to, where kustomize's nameReference
+    rewrites it; a name anywhere else is left as written, by kustomize and here."""
+    refs = []
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        for env in c.get("env", []):
+            source = env.get("valueFrom", {})
+            refs += [("Secret", source["secretKeyRef"], "name")] if "secretKeyRef" in source else []
+            refs += [("ConfigMap", source["configMapKeyRef"], "name")] if "configMapKeyRef" in source else []
+        for source in c.get("envFrom", []):
+            refs += [("Secret", source["secretRef"], "name")] if "secretRef" in source else []
+            refs += [("ConfigMap", source["configMapRef"], "name")] if "configMapRef" in source else []
+    for volume in pod.get("volumes", []):
+        refs += [("Secret", volume["secret"], "secretName")] if "secret" in volume else []
+        refs += [("ConfigMap", volume["configMap"], "name")] if "configMap" in volume else []
+        if "projected" in volume:
+            raise UnsupportedKustomization("projected volumes")
+    return refs
+
+
+def _kustomize_subset() -> list[dict]:
+    """The part of kustomize this kustomization uses, failing on anything else: file resources, namespace,
+    images, replicas, env/file generators (with kustomize's hash suffix and the references to them
+    rewritten where kustomize rewrites them), JSON patches that replace existing values."""
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    _strict_keys("kustomization.yaml", kust, KUSTOMIZATION_KEYS)
     docs = [d for r in kust["resources"] for d in yaml.safe_load_all((K8S / r).read_text()) if d]
+    for doc in docs:
+        if doc["kind"] != "Namespace" and doc["kind"] not in NAMESPACED_KINDS:
+            raise UnsupportedKustomization(f"resource kind {doc['kind']}")
 
     def env_file(name: str) -> dict[str, str]:
         lines = [ln for ln in (K8S / name).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not all("=" in ln for ln in lines):
+            raise UnsupportedKustomization(f"{name}: a line without '=' (a value from the environment)")
         return dict(ln.split("=", 1) for ln in lines)
 
-    for gen in kust["configMapGenerator"]:
+    generated = []
+    for gen in kust.get("configMapGenerator", []):
+        _strict_keys("configMapGenerator", gen, {"name", "envs", "files"})
         data: dict[str, str] = {}
         for name in gen.get("envs", []):
             data |= env_file(name)
         for spec in gen.get("files", []):
-            key, _, name = spec.partition("=")
-            data[key] = (K8S / name).read_text()
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
-    for gen in kust["secretGenerator"]:
+            key, _, name = spec.rpartition("=")
+            data[key or Path(name).name] = (K8S / name).read_text()
+        generated.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
+    for gen in kust.get("secretGenerator", []):
+        _strict_keys("secretGenerator", gen, {"name", "envs"})
         data = {k: base64.b64encode(v.encode()).decode() for name in gen["envs"] for k, v in env_file(name).items()}
-        docs.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": gen["name"]},
-                     "data": data})
+        generated.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": gen["name"]},
+                          "data": data})
+    renamed = {}
+    for doc in generated:
+        base = doc["metadata"]["name"]
+        doc["metadata"]["name"] = renamed[doc["kind"], base] = f"{base}-{_kustomize_hash(doc)}"
+    docs += generated
+
     for doc in docs:
         if doc["kind"] != "Namespace":
             doc["metadata"]["namespace"] = kust["namespace"]
-        for r in kust["replicas"]:
-            if doc["metadata"]["name"] == r["name"] and "replicas" in doc.get("spec", {}):
-                doc["spec"]["replicas"] = r["count"]
-        for patch in kust["patches"]:
-            if (doc["kind"], doc["metadata"]["name"]) == (patch["target"]["kind"], patch["target"]["name"]):
-                for op in yaml.safe_load(patch["patch"]):
-                    *parents, last = [p.replace("~1", "/") for p in op["path"].strip("/").split("/")]
-                    node = doc
-                    for part in parents:
-                        node = node[int(part)] if isinstance(node, list) else node[part]
-                    node[int(last) if isinstance(node, list) else last] = op["value"]
+    for r in kust.get("replicas", []):
+        _strict_keys("replicas", r, {"name", "count"})
+        targets = [d for d in docs if d["metadata"]["name"] == r["name"] and "replicas" in d.get("spec", {})]
+        if not targets:
+            raise UnsupportedKustomization(f"replicas of {r['name']}: no such workload")
+        for d in targets:
+            d["spec"]["replicas"] = r["count"]
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for image in kust.get("images", []):
+        _strict_keys("images", image, {"name", "newName", "newTag"})
+        for c in (c for pod in pods for c in pod.get("initContainers", []) + pod["containers"]):
+            if re.split(r"[:@]", c["image"], maxsplit=1)[0] == image["name"]:
+                c["image"] = f"{image.get('newName', image['name'])}:{image.get('newTag', 'latest')}"
+    for pod in pods:
+        for kind, node, key in _name_references(pod):
+            node[key] = renamed.get((kind, node[key]), node[key])
+    for patch in kust.get("patches", []):
+        _strict_keys("patches", patch, {"target", "patch"})
+        _strict_keys("patches.target", patch["target"], {"kind", "name"})
+        targets = [d for d in docs if (d["kind"], d["metadata"]["name"]) == (patch["target"]["kind"],
+                                                                             patch["target"]["name"])]
+        if len(targets) != 1:
+            raise UnsupportedKustomization(f"patch target {patch['target']}: {len(targets)} matches")
+        for op in yaml.safe_load(patch["patch"]):
+            _strict_keys("patch operation", op, {"op", "path", "value"})
+            if op["op"] != "replace":
+                raise UnsupportedKustomization(f"patch operation {op['op']}")
+            *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].strip("/").split("/")]
+            node = targets[0]
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            key = int(last) if isinstance(node, list) else last
+            node[key]  # noqa: B018 (replace needs an existing value: a KeyError or IndexError otherwise)
+            node[key] = op["value"]
     return docs
+
+
+def _rendered() -> list[dict]:
+    """`kubectl kustomize` where kubectl is installed; elsewhere the strict subset above."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return _kustomize_subset()
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
 
 
 def _one(docs: list[dict], kind: str, name: str) -> dict:
@@ -68,6 +163,34 @@ def _one(docs: list[dict], kind: str, name: str) -> dict:
     found = [d for d in docs if d["kind"] == kind and re.fullmatch(name + r"(-[a-z0-9]{10})?", d["metadata"]["name"])]
     assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in docs])
     return found[0]
+
+
+def _by_name(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_the_fallback_renders_what_kubectl_kustomize_does():
+    """Where kubectl is installed, the subset (used where it is not) renders the same resources: generated
+    names with kustomize's hash suffix, the references to them rewritten, images, patches and all."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    assert _by_name(_kustomize_subset()) == _by_name(_rendered())
+
+
+@pytest.mark.parametrize("change", [
+    "namePrefix: prod-\n",  # renames every resource and every reference
+    "generatorOptions: {disableNameSuffixHash: true}\n",
+    "patches:\n  - target: {kind: Service, name: strata}\n    patch: '[{op: add, path: /spec/x, value: 1}]'\n",
+])
+def test_the_fallback_refuses_what_it_does_not_implement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         change: str):
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(K8S, copy)
+    kust = yaml.safe_load((copy / "kustomization.yaml").read_text()) | yaml.safe_load(change)
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(kust))
+    monkeypatch.setitem(globals(), "K8S", copy)
+    with pytest.raises(UnsupportedKustomization):
+        _kustomize_subset()
 
 
 def test_manifests_validate_against_the_kubernetes_schemas():
@@ -97,9 +220,18 @@ def test_statefulset_is_what_the_docs_say():
     assert pod["terminationGracePeriodSeconds"] >= float(config["STRATA_SHUTDOWN_TIMEOUT"]) + drain
     assert "--shutdown-timeout=$(STRATA_SHUTDOWN_TIMEOUT)" in container["args"]
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    # The API key comes from the generated Secret: the name it was rendered under, hash suffix included.
     key = next(e for e in container["env"] if e["name"] == "STRATA_API_KEY")
     secret = _one(docs, "Secret", "strata-api-key")
+    assert re.fullmatch(r"strata-api-key-[a-z0-9]{10}", secret["metadata"]["name"])
     assert key["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+
+
+def test_every_config_and_secret_a_pod_names_is_rendered():
+    docs = _rendered()
+    for name, pod in _pod_specs(docs).items():
+        for kind, node, key in _name_references(pod):
+            assert (kind, node[key]) in _by_name(docs), (name, kind, node[key])
 
 
 def test_router_hashes_sessions_over_every_pod():
