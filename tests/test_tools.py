@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from strata.engine.grammar import GrammarCompiler
+from strata.engine.tokenizer import Tokenizer
 from strata.server.protocol import ChatCompletionRequest
 from strata.server.tool_calls import ToolCallStream, parse_tool_output
 from strata.server.tools import template_messages, tool_grammar, tool_plan
@@ -42,6 +43,25 @@ def _check_calls(message, allowed: set[str]) -> list[tuple[str, dict]]:
         jsonschema.validate(args, SCHEMAS[call.function.name])
         calls.append((call.function.name, args))
     return calls
+
+
+def _assert_auto_answer_is_its_output_parsed(client, model: str, tokenizer: Tokenizer, messages: list[dict],
+                                             answer, max_tokens: int) -> None:
+    """What tool_choice auto promises (chat.py's _message, tool_calls.parse_tool_output): the message is what
+    the template's parser reads in the generated text (its calls, or the text itself as content), and
+    finish_reason is "tool_calls" exactly when calls were read in an output that stopped. The generated text
+    is the greedy completion of the same prompt (the chat request's tokens, tools rendered)."""
+    body = ChatCompletionRequest(model=model, messages=messages, tools=TOOLS)
+    plan = tool_plan(body, tokenizer.template_source, None)
+    rendered, tools = template_messages(body.messages, plan, tokenizer.template_takes_tools)
+    raw = client.completions.create(model=model, prompt=tokenizer.encode_chat(rendered, True, tools),
+                                    max_tokens=max_tokens, temperature=0).choices[0]
+    content, calls = parse_tool_output(plan, raw.text)
+    (choice,) = answer.choices
+    assert choice.message.content == content, raw.text
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] == \
+        [(c.name, c.arguments) for c in calls], raw.text
+    assert choice.finish_reason == ("tool_calls" if calls and raw.finish_reason == "stop" else raw.finish_reason)
 
 
 def test_required_calls_match_their_schemas(client, model_name):
@@ -115,7 +135,7 @@ def test_a_tool_transcript_renders_and_continues(client, model_name, tokenizer):
     assert '"name": "get_time"' in text  # the tools, described in the system message
     r = client.chat.completions.create(model=model_name, messages=history, tools=TOOLS, max_tokens=30,
                                        temperature=0)
-    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    _assert_auto_answer_is_its_output_parsed(client, model_name, tokenizer, history, r, max_tokens=30)
     # Without tools the same transcript still renders its calls and results.
     r2 = client.chat.completions.create(model=model_name, messages=history, max_tokens=5, temperature=0)
     assert r2.usage.prompt_tokens < r.usage.prompt_tokens
@@ -200,11 +220,7 @@ def test_auto_with_a_template_that_takes_tools(tmp_path: Path, model_files):
         auto = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, max_tokens=60,
                                               temperature=0)
         assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the template rendered the tools
-        m = auto.choices[0].message
-        assert m.content or m.tool_calls
-        if m.tool_calls:
-            assert auto.choices[0].finish_reason == "tool_calls"
-            _check_calls(m, set(SCHEMAS))
+        _assert_auto_answer_is_its_output_parsed(client, name, Tokenizer(model), ASK, auto, max_tokens=60)
         req = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, tool_choice="required",
                                              parallel_tool_calls=False, max_tokens=100, temperature=1.0, seed=4,
                                              n=4)
