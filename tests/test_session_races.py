@@ -142,6 +142,10 @@ def loads_racing_aborts(tmp_path, device: str | None = None, slow_copy: object =
         engine.add_request(Request(key, ids, SamplingParams(max_tokens=16, temperature=0.0), session_key=key))
     if slow_copy is not None:  # loads still writing when the step after the aborts allocates their blocks again
         slow_copy()
+    deadline = time.monotonic() + 30
+    while engine._preparing:  # the store's side first readies each session (off the engine thread)
+        assert time.monotonic() < deadline, "the sessions were never prepared"
+        engine._schedule_prepared(0.1)
     engine.scheduler.schedule()  # admission: the loads start
     loading = [s for s in engine.scheduler.running if s.load is not None]
     assert len(loading) >= 4, "the histories did not come from the tiers"

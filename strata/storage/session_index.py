@@ -78,7 +78,7 @@ class SessionIndex:
             entry = self.entries.get(session_key)
             lcp = common_prefix(entry.tokens, prompt_ids) if entry is not None else 0
             diverges = entry is not None and lcp < len(entry.tokens) and lcp < len(prompt_ids)
-            if entry is None or lcp == 0:
+            if entry is None or lcp == 0 or self.expired_locked(session_key, entry, time.time()):
                 return Hit(0, None), diverges
             on_disk = any(c.dram is None for c in entry.chunks_for(lcp))
             tier = "remote" if entry.from_remote else "ssd" if on_disk else "dram"
@@ -232,6 +232,10 @@ class SessionIndex:
         if now >= self._next_expiry:
             self._next_expiry = now + min(1.0, self.ttl_s / 4)  # a scan of every entry at most this often
             self.expire_locked(now)
+
+    def expired_locked(self, key: str, entry: SessionEntry, now: float) -> bool:
+        """Idle past the TTL and not pinned: a miss already, before the background sweep removes it."""
+        return now - entry.last_used > self.ttl_s and self.pins.get(key, 0.0) <= now
 
     def expire_locked(self, now: float) -> None:
         """TTL: a session idle for ttl_s leaves every tier (unless pinned, queued, or in use)."""
