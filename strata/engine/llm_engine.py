@@ -222,6 +222,7 @@ class LLMEngine:
             if result.truncated:
                 self.kv.truncations += 1
             seq.stored_tier = result.tier
+            seq.stored_shared_tokens = result.shared_tokens
             seq.status = SequenceStatus.WAITING
             self.scheduler.add(seq)
 
@@ -361,6 +362,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            num_shared_tokens=seq.num_shared_tokens,
             cache_tier=seq.cache_tier,
             skip=self.skips.report(seq.skip) if seq.skip is not None else None,
             finished=final,

@@ -59,6 +59,7 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     cache_tier: str | None = None  # hbm, dram or ssd when tokens were reused
+    num_shared_tokens: int = 0  # of the reused tokens, those from chunks other sessions share (stored once)
     skip: SkipReport | None = None  # None when the request skips nothing
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort", "error"

@@ -37,6 +37,8 @@ class Sequence:
         self.acquired = False  # reusable history looked up since (re)admission
         self.num_preemptions = 0
         self.stored_tier: str | None = None  # where the store held its history when it arrived (prepare)
+        self.stored_shared_tokens = 0  # of that history, tokens in chunks other sessions share (prepare)
+        self.num_shared_tokens = 0  # of num_cached_tokens, those that came from shared chunks
         self.session_deleted = False  # its session was deleted meanwhile: none of its KV is kept
         self.blocks = BlockTable(num_layers)
         self.skip = skip  # AdaSkip state of this request; None: it skips nothing (the plain path)

@@ -124,6 +124,21 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
                             value=st.get("ssd_io_queue", 0.0))
     yield GaugeMetricFamily("strata_kv_sessions", "Sessions stored in the DRAM/SSD tiers",
                             value=st.get("sessions", 0.0))
+    yield CounterMetricFamily("strata_kv_tokens_reused_shared", "Prompt tokens loaded from DRAM/SSD chunks that "
+                              "several sessions share (stored once)", value=st.get("tokens_reused_shared", 0.0))
+    yield GaugeMetricFamily("strata_kv_shared_chunks", "Stored chunks that several sessions share",
+                            value=st.get("shared_chunks", 0.0))
+    unshared = GaugeMetricFamily("strata_kv_bytes_without_sharing", "Bytes the DRAM/SSD tiers would hold if "
+                                 "each session kept its own copy of what it shares (compare strata_kv_occupancy_"
+                                 "bytes)", labels=["tier"])
+    for tier in ("dram", "ssd"):
+        unshared.add_metric([tier], st.get(f"bytes_without_sharing_{tier}", 0.0))
+    yield unshared
+    sharing = CounterMetricFamily("strata_kv_shared_chunk_events", "Chunks a session took from another instead of "
+                                  "storing (deduplicated) or computing (adopted)", labels=["event"])
+    sharing.add_metric(["deduplicated"], st.get("shared_chunks_deduplicated", 0.0))
+    sharing.add_metric(["adopted"], st.get("shared_chunks_adopted", 0.0))
+    yield sharing
     remote = CounterMetricFamily("strata_kv_remote", "The shared KV tier (--remote-kv): chunks uploaded, uploads "
                                  "dropped (queue full or remote down), sessions imported, tokens imported, calls "
                                  "skipped while it was down, errors, local copies dropped for a deletion elsewhere, "

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from strata.storage.content_chain import content_digest
+
 MAGIC = b"STRATAKV"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # a header lists its tokens: 1 MiB holds far more than any chunk
@@ -77,6 +79,11 @@ class ChunkHeader:
     dtype: str
     layer_crc: list[int]
     version: int = FORMAT_VERSION
+    # A content chunk (shared by the sessions of a tenant, see content_chain): its address, its parent's
+    # and the tenant scope; session_key is then empty. All empty for a session's own chunk.
+    digest: str = ""
+    parent: str = ""
+    scope: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -138,7 +145,7 @@ def _is_int(v: object, low: int, high: int) -> bool:
 def _wrongly_typed(h: ChunkHeader) -> str | None:
     """The first header field whose JSON value is not of its declared type and range (a file or a remote
     store may hold anything that passes the header CRC), or None."""
-    for name in ("fingerprint", "session_key", "prefix_hash", "dtype"):
+    for name in ("fingerprint", "session_key", "prefix_hash", "dtype", "digest", "parent", "scope"):
         if type(getattr(h, name)) is not str:
             return name
     for name in ("chunk_index", "start", "num_layers", "num_kv_heads", "head_dim", "version"):
@@ -187,6 +194,11 @@ def parse_header(read: Callable[[int, int], bytes], layout: ChunkLayout, total_s
         raise ChunkError("fingerprint", f"shape {shape}")
     if header.num_tokens < 1 or len(header.layer_crc) != header.num_layers:
         raise ChunkError("format", "empty chunk")
+    if header.digest and (header.session_key or not header.scope
+                          or header.digest != content_digest(header.scope, header.parent, header.token_ids)):
+        raise ChunkError("format", "content digest")
+    if not header.digest and not header.session_key:
+        raise ChunkError("format", "neither a session's nor a content chunk")
     offset = _PREFIX.size + length
     if total_size != offset + header.num_layers * layout.layer_bytes(header.num_tokens):
         raise ChunkError("truncated", f"size {total_size}")

@@ -2,8 +2,10 @@
 
 A chunk holds up to ``chunk_tokens`` tokens and grows (doubling, from a small capacity) while it fills,
 so a session of a few tokens does not cost a whole chunk. The budget counts chunk tensors by capacity.
-Making room evicts chunks (the tail of the victim session first); a chunk with no SSD copy is written
-back first, or, if it cannot be, dropped and its session cut back there.
+Making room evicts chunks (the tail of the victim session first, chunks other sessions share last); a
+chunk with no SSD copy is written back first, or, if it cannot be, dropped and its sessions cut back there.
+A chunk that fills is sealed (:meth:`SessionIndex.seal_locked`): registered for sharing, or swapped for the
+equal chunk another session stored first.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class DramTier:
         take = len(ids)
         if target is None:
             cap = min(self.chunk_tokens, max(take, _MIN_CAPACITY))
-            target = Chunk(index=len(entry.chunks), start=len(entry.tokens))
+            target = Chunk(index=len(entry.chunks), start=len(entry.tokens), owners={entry.key})
             target.dram = self._empty(cap, kv)
             entry.chunks.append(target)
             index.dram_used += target.dram.nbytes
@@ -88,6 +90,7 @@ class DramTier:
         entry.tokens.extend(ids)
         index.counters["bytes_saved_dram"] += take * index.token_bytes
         if target.n >= self.chunk_tokens:
+            index.seal_locked(entry, target)
             self.ssd.queue_writeback_locked(entry.key)
 
     def _empty(self, capacity: int, like: torch.Tensor) -> torch.Tensor:
@@ -115,7 +118,7 @@ class DramTier:
                     continue
             ok = self.ssd.write_chunk(entry, chunk)  # outside the lock: a file write takes a while
             with index.lock:
-                if chunk.dram is not None and any(c is chunk for c in entry.chunks) and (ok or chunk.dirty):
+                if chunk.dram is not None and index.live_locked(chunk) and (ok or chunk.dirty):
                     self.evict_chunk_locked(entry, chunk)
         return False
 
@@ -124,13 +127,16 @@ class DramTier:
         index = self.index
         order = eviction_order(index.entries.values(), policy=index.policy, window=index.window,
                                pinned=index.pinned_locked(), exclude={exclude} if exclude else set())
-        for entry in order:
-            if not window_too and entry.key in index.window:
-                continue
-            for chunk in reversed(entry.chunks):  # the tail first: the head is what the next turn needs first
-                if chunk.dram is None or chunk is protect or (clean_only and chunk.dirty):
+        for shared_too in (False, True):  # what several sessions share is worth more: it goes last
+            for entry in order:
+                if not window_too and entry.key in index.window:
                     continue
-                return entry, chunk
+                for chunk in reversed(entry.chunks):  # the tail first: the head is what the next turn needs first
+                    if (chunk.dram is None or chunk is protect or (clean_only and chunk.dirty)
+                            or (chunk.shared and not shared_too)
+                            or (exclude is not None and exclude in chunk.owners)):
+                        continue
+                    return entry, chunk
         return None
 
     def evict_chunk_locked(self, entry: SessionEntry, chunk: Chunk) -> None:
@@ -140,6 +146,9 @@ class DramTier:
         chunk.dram = None
         chunk.prefetched = False
         index.counters["evictions_dram"] += 1
-        if lost:  # no SSD copy: the session ends where this chunk began
+        if lost:  # no SSD copy: the sessions holding it end where this chunk began
             index.counters["chunks_lost_dram"] += 1
-            index.cut_locked(entry, chunk.start)
+            for key in list(chunk.owners):
+                owner = index.entries.get(key)
+                if owner is not None:
+                    index.cut_locked(owner, chunk.start)

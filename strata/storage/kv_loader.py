@@ -76,6 +76,8 @@ class KVLoader:
                 raise KVLoadError(f"chunk file of {session_key!r} is gone: {e}") from e
             for p in pieces:
                 index.counters["tokens_reused_dram" if p.dram is not None else "tokens_reused_ssd"] += p.count
+                if p.chunk.shared:
+                    index.counters["tokens_reused_shared"] += p.count
                 if p.chunk.prefetched:
                     p.chunk.prefetched = False
                     index.counters["prefetches_used"] += 1

@@ -4,11 +4,14 @@ has arrived). The engine thread never waits on a disk or the network for it.
 
 For one request, in order:
 
-1. the shared tier (``remote=``): import the session if this server lacks it, or learn that it was deleted
-   elsewhere (what this server holds of it is dropped; the engine drops its device copy);
+1. the shared tier (``remote=``): import the session if this server lacks it (the content chunks its prompt
+   starts with, then its own), or learn that it was deleted elsewhere (what this server holds of it is
+   dropped; the engine drops its device copy);
 2. a context overflow (``truncate``): find the cut in what the session has stored (after its pending saves)
    and apply it, re-rotating the kept keys (:mod:`.truncation`);
-3. an edited history: queue the cut-back of the entry to where the prompt leaves it;
+3. sharing: when stored content chunks (another session's, same tenant) cover more of the prompt than the
+   session's own history, the session starts with them (after its pending saves);
+   an edited history: queue the cut-back of the entry to where the prompt leaves it;
 4. count the lookup (once per request, whatever the scheduler asks later);
 5. the SSD: read the chunks the prompt reuses that only the SSD holds into DRAM, so the forward pass loads
    from memory (when DRAM cannot make room, that part is still loaded from the SSD layer by layer).
@@ -37,6 +40,7 @@ class Prepared(NamedTuple):
     deleted_elsewhere: bool = False  # the session was deleted on another server: drop its device copy
     truncated: bool = False  # its stored KV was cut and re-rotated: a device copy holds the old positions
     tier: str | None = None  # where the store held the reusable prefix when asked (before any SSD read)
+    shared_tokens: int = 0  # of that prefix, tokens in chunks other sessions share
 
 
 class KVPreparer:
@@ -55,11 +59,13 @@ class KVPreparer:
             deleted = store.remote is not None and store.import_remote(key, prompt_ids).deleted_elsewhere
             truncated = truncate and self._truncate(key, prompt_ids)
             result = Prepared(deleted, truncated)
+            if not truncated:
+                store.adopt_shared(key, prompt_ids)
             hit, diverges = store.index.lookup(key, prompt_ids)
             if diverges:
                 store.saver.cut(key, prompt_ids)
             store.index.count_lookup(hit)
-            result = Prepared(deleted, truncated, hit.tier)
+            result = Prepared(deleted, truncated, hit.tier, store.index.shared_tokens(key, hit.tokens))
             if hit.tier in ("ssd", "remote"):
                 store.ssd.prefetch(key, store.dram, in_window=False, num_tokens=hit.tokens)
         except Exception:

@@ -1,7 +1,10 @@
 """CachedAttention: session-keyed KV reuse across the DRAM and SSD tiers.
 
 The engine owns HBM (the :class:`BlockPool` and its cached blocks); this store keeps every session's KV
-in host memory (DRAM) and in chunk files (SSD), and moves it in and out of device blocks. ``lookup``
+in host memory (DRAM) and in chunk files (SSD), and moves it in and out of device blocks. What sessions of
+one tenant have in common (a system prompt, a tool list, a document) is stored once, in every tier: a
+session is a list of chunks, and a whole chunk of plain model KV is shared by content (see
+:mod:`.session_index`, :mod:`.content_chain`); a new session's first request starts from it. ``lookup``
 never reports the ``"hbm"`` tier: an HBM hit is the engine's business, it asks the store only on a miss.
 
 :class:`KVStore` is the one object the engine holds; it wires together and delegates to the parts,
@@ -40,8 +43,10 @@ forward pass needs), each bounded by a timeout)::
 Semantics the engine relies on:
 
 * ``prepare`` runs once per session request before it is scheduled; ``done`` always comes, after which
-  the SSD part of its reusable prefix is in DRAM where DRAM had room. If the prompt diverges from the
-  stored ids (edited history), the entry is cut back to the divergence point (after any pending saves).
+  the session starts with the shared chunks its prompt starts with (when they cover more of it than the
+  session's own history) and the SSD part of its reusable prefix is in DRAM where DRAM had room. If the
+  prompt diverges from the stored ids (edited history), the entry is cut back to the divergence point
+  (after any pending saves).
 * ``lookup`` returns the longest common prefix of ``prompt_ids`` and the tokens whose save has
   completed; it may equal ``len(prompt_ids)``, the engine must still compute at least the last prompt
   token. It changes nothing: the scheduler may ask as often as it likes.
@@ -156,7 +161,7 @@ class KVStore:
         pin = streams is not None  # pinned DRAM chunks: async DMA, readable by the copy kernel
 
         self.index = SessionIndex(policy=policy, ttl_s=ttl_s, dram_bytes=dram_bytes, ssd_bytes=self.ssd_bytes,
-                                  token_bytes=self.token_bytes)
+                                  token_bytes=self.token_bytes, chunk_tokens=chunk_tokens)
         self.ssd = SsdTier(self.index, self.layout, self.ssd_dir, chunk_tokens=chunk_tokens, pin=pin, delays=delays)
         self.ssd.open()
         self.dram = DramTier(self.index, self.ssd, num_layers=layers, chunk_tokens=chunk_tokens, pin=pin)
@@ -202,9 +207,14 @@ class KVStore:
         self.index.pin(session_key, seconds)
 
     def delete(self, session_key: str) -> bool:
+        """Forget the session in every tier; the chunks it shared stay for the sessions still holding them."""
+        with self.index.lock:
+            entry = self.index.entries.get(session_key)
+            orphans = self.index.orphaned_digests_locked(entry) if entry is not None else []
+            deleted = self.index.delete_locked(session_key)
         if self.remote is not None:
-            self.remote.forget(session_key)
-        return self.index.delete(session_key)
+            self.remote.forget(session_key, orphans)
+        return deleted
 
     def import_remote(self, session_key: str, prompt_ids: list[int]) -> RemoteImport:
         """Before a session's request: bring its KV from the shared tier into the SSD tier if this server
@@ -257,6 +267,22 @@ class KVStore:
         if truncator is None:
             raise ValueError("truncate needs rope_inv_freq")
         return self.saver.call(lambda: truncator.apply(session_key, keep_head, drop_end), timeout)
+
+    def adopt_shared(self, session_key: str, prompt_ids: list[int], timeout: float | None = 10.0) -> int:
+        """Start the session with the stored content chunks its prompt starts with, if they cover more of it
+        than its own history; after its pending saves. Returns the tokens adopted (the preparer's thread)."""
+        self._check_open()
+        if not self.index.adoptable(session_key, prompt_ids):
+            return 0
+
+        def adopt() -> int:
+            with self.index.lock:
+                return self.index.adopt_shared_locked(session_key, prompt_ids)
+
+        try:
+            return self.saver.call(adopt, timeout)
+        except KVLoadError:
+            return 0
 
     def tokens(self, session_key: str, timeout: float | None = 10.0) -> list[int]:
         """The session's stored token ids once its pending saves are applied (empty: no entry)."""

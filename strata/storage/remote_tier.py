@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 from urllib.parse import urlsplit
@@ -55,11 +56,12 @@ from strata.storage.chunk_file import (
     validate_bytes,
 )
 from strata.storage.chunk_signing import ChunkSigner
+from strata.storage.content_chain import prompt_digests, scope_of
 from strata.storage.injected_delays import NO_DELAYS, InjectedDelays
 from strata.storage.job_thread import JobThread
 from strata.storage.session_entry import Chunk, SessionEntry, SsdCopy, common_prefix
 from strata.storage.session_index import SessionIndex, unlink
-from strata.storage.ssd_scan import chunk_path, file_stem
+from strata.storage.ssd_scan import chunk_path, content_path, file_stem
 
 if TYPE_CHECKING:
     from strata.storage.ssd_tier import SsdTier
@@ -124,6 +126,18 @@ def open_backend(url: str, timeout_s: float, *, username: str | None = None, pas
     raise ValueError(f"--remote-kv: no backend for {url!r} (redis://HOST:PORT/DB or rediss:// is supported)")
 
 
+@dataclass
+class _Staged:
+    """A fetched chunk, verified and written to a temporary file, its SSD space reserved."""
+
+    tmp: Path
+    final: Path
+    header: ChunkHeader
+    size: int
+    created: float
+    committed: bool = False
+
+
 class RemoteImport(NamedTuple):
     tokens: int  # imported into the SSD tier (0: nothing usable, or held here already)
     deleted_elsewhere: bool = False  # a tombstone outdates what this server holds: its copies must go
@@ -145,8 +159,13 @@ class RemoteTier:
         self._unforgotten: dict[str, float] = {}  # stem -> deletion time: forgets the remote missed
         self.uploader = JobThread("kv-remote", lambda: index.count("remote_errors"), idle=self._retry_forgets)
 
-    def key(self, stem: str, chunk_index: int) -> str:
-        return f"strata:{self.fingerprint}:{stem}:{chunk_index:06d}"
+    def key(self, name: str) -> str:
+        """The store key of a chunk: ``STEM:INDEX`` (a session's own) or ``c:DIGEST`` (a content chunk)."""
+        return f"strata:{self.fingerprint}:{name}"
+
+    @staticmethod
+    def chunk_name(entry: SessionEntry, chunk: Chunk) -> str:
+        return f"c:{chunk.digest}" if chunk.digest else f"{entry.file_stem}:{chunk.index:06d}"
 
     def tombstone_key(self, stem: str) -> str:
         return f"strata:{self.fingerprint}:{stem}:deleted"
@@ -162,16 +181,17 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ upload (after the SSD write)
 
-    def upload(self, path: Path, stem: str, chunk_index: int, created: float) -> None:
-        """Queue a chunk file for upload; dropped (and counted) when the queue is full or the remote down."""
+    def upload(self, path: Path, name: str, created: float) -> None:
+        """Queue a chunk file for upload under ``name`` (see ``key``); dropped (and counted) when the queue is
+        full or the remote down. ``created``: its session's creation (0 for a content chunk)."""
         with self._lock:
             if self._queued >= self.queue_limit or not self.available:
                 self.index.count("remote_uploads_dropped")
                 return
             self._queued += 1
-        self.uploader.put(lambda: self._upload(path, stem, chunk_index, created))
+        self.uploader.put(lambda: self._upload(path, name, created))
 
-    def _upload(self, path: Path, stem: str, chunk_index: int, created: float) -> None:
+    def _upload(self, path: Path, name: str, created: float) -> None:
         with self._lock:
             self._queued -= 1
         if not self.available:
@@ -181,10 +201,12 @@ class RemoteTier:
             data = path.read_bytes()
         except OSError:  # replaced or evicted meanwhile: a later write uploads the new one
             return
-        key = self.key(stem, chunk_index)
+        key = self.key(name)
         try:
-            deleted_at = self._deleted_at(stem)
-            if deleted_at is not None and created <= deleted_at:  # a copy older than a deletion elsewhere
+            # A session's own chunk older than a deletion elsewhere is not shared again; a content chunk
+            # belongs to no session.
+            deleted_at = None if name.startswith("c:") else self._deleted_at(name.partition(":")[0])
+            if deleted_at is not None and created <= deleted_at:
                 self.index.count("remote_uploads_dropped_deleted")
                 return
             self.backend.put(key, self.signer.seal(key, _CREATED.pack(created) + data), self.ttl_s)
@@ -199,28 +221,6 @@ class RemoteTier:
             return self._queued
 
     # ------------------------------------------------------------------ download (a local miss)
-
-    def fetch(self, stem: str, max_chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
-        """The session's (store key, sealed value) in chunk order, one at a time (memory holds one chunk),
-        up to the first missing one; a value over `max_chunk_bytes` (no sealed chunk of this layout is that
-        large) ends it too. Nothing when the remote is down or failing."""
-        for i in range(MAX_CHUNKS):
-            if not self.available:
-                self.index.count("remote_skipped_down")
-                return
-            key = self.key(stem, i)
-            self.delays.before_remote_read()
-            try:
-                size, blob = self.backend.get_capped(key, max_chunk_bytes)
-            except Exception as e:
-                self._failed("fetch", e)
-                return
-            if size == 0:
-                return
-            if size > max_chunk_bytes:
-                self.index.count("remote_chunks_discarded_oversize")
-                return
-            yield key, blob
 
     def close(self, timeout: float | None) -> None:
         self.uploader.stop(timeout)
@@ -271,73 +271,162 @@ class RemoteTier:
         return RemoteImport(imported, deleted_elsewhere)
 
     def _import(self, ssd: SsdTier, key: str, stem: str, prompt_ids: list[int], deleted_at: float | None) -> int:
+        """The content chunks the prompt starts with (this server's, else the shared tier's), then the
+        session's own chunks that follow them; each verified and staged in a temporary file (space reserved)
+        before anything becomes visible. Nothing is imported when this server already holds all of it."""
         assert ssd.dir is not None
         index = self.index
         max_chunk_bytes = (self.signer.overhead + _CREATED.size + MAX_HEADER_BYTES
                            + ssd.layout.num_layers * ssd.layout.layer_bytes(ssd.chunk_tokens))
-        entry = SessionEntry(key=key, file_stem=stem)
-        staged: list[tuple[Path, ChunkHeader, int]] = []  # verified chunks in temporary files, space reserved
+        # In order, with their tokens: content chunks held here, or chunks staged from the remote.
+        parts: list[tuple[Chunk | _Staged, list[int]]] = []
+        tokens: list[int] = []
+        created: float | None = None
         try:
-            for i, (store_key, blob) in enumerate(self.fetch(stem, max_chunk_bytes)):
-                if i == 0:
-                    index.count("remote_fetches")
-                try:
-                    sealed = self.signer.open(store_key, blob)
-                    created, chunk = _CREATED.unpack(sealed[:_CREATED.size])[0], sealed[_CREATED.size:]
-                    if deleted_at is not None and created <= deleted_at:
-                        raise ChunkError("deleted", f"session created at {created}, deleted at {deleted_at}")
-                    header = validate_bytes(chunk, ssd.layout)
-                except (ChunkError, struct.error) as e:
-                    index.count(f"remote_chunks_discarded_{getattr(e, 'reason', 'format')}")
-                    break
-                if i == 0:
-                    entry.created = created  # the session's own creation, wherever that was
-                tokens = entry.tokens + header.token_ids
-                if header.session_key != key or header.chunk_index != i or header.start != len(entry.tokens) \
-                        or header.prefix_hash != prefix_hash(tokens):
-                    index.count("remote_chunks_discarded_stale")
-                    break
+            scope = scope_of(key)
+            digests = prompt_digests(scope, prompt_ids[:-1], ssd.chunk_tokens, MAX_CHUNKS) if scope else []
+            for i, digest in enumerate(digests):
                 with index.lock:
-                    if not ssd.reserve_locked(len(chunk), None):
+                    local = index.content.get(digest)
+                    local = local if local is not None and local.servable else None
+                if local is None:
+                    store_key = self.key(f"c:{digest}")
+                    blob = next(self._fetch([store_key], max_chunk_bytes), None)
+                    if blob is None:
                         break
-                final = chunk_path(ssd.dir, stem, i)
-                tmp = final.with_name(f"{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
-                staged.append((tmp, header, len(chunk)))
-                _write_synced(tmp, chunk)
-                entry.tokens = tokens
-                if common_prefix(entry.tokens, prompt_ids) < len(entry.tokens):
+                    staged = self._stage(ssd, blob, tokens, i, digest=digest, parent=digests[i - 1] if i else "")
+                    if staged is None:
+                        break
+                    parts.append((staged, staged.header.token_ids))
+                else:
+                    parts.append((local, prompt_ids[i * ssd.chunk_tokens:(i + 1) * ssd.chunk_tokens]))
+                tokens = tokens + parts[-1][1]
+            first_own = len(parts)
+            own_keys = [self.key(f"{stem}:{i:06d}") for i in range(first_own, MAX_CHUNKS)]
+            for i, blob in enumerate(self._fetch(own_keys, max_chunk_bytes), start=first_own):
+                staged = self._stage(ssd, blob, tokens, i, session_key=key, deleted_at=deleted_at)
+                if staged is None:
+                    break
+                created = staged.created if created is None else created
+                parts.append((staged, staged.header.token_ids))
+                tokens = tokens + staged.header.token_ids
+                if common_prefix(tokens, prompt_ids) < len(tokens):
                     break  # the prompt left this session's history (or ends here): the rest is of no use
-            if not staged:
-                return 0
-            with index.lock:
-                if key in index.entries:
-                    return 0
-                for tmp, header, size in staged:
-                    final = chunk_path(ssd.dir, stem, header.chunk_index)
-                    commit(tmp, final)
-                    n = header.num_tokens
-                    entry.chunks.append(Chunk(index=header.chunk_index, start=header.start, n=n,
-                                              ssd=SsdCopy(path=final, nbytes=size, file_tokens=n, valid_tokens=n)))
-                    index.ssd_reserved -= size
-                    index.ssd_used += size
-                staged = []  # renamed into place, counted as used
-                entry.last_used = time.time()
-                entry.from_remote = True
-                entry.remote_touched = time.monotonic()
-                index.entries[key] = entry
-                index.counters["remote_imports"] += 1
-                index.counters["tokens_imported_remote"] += len(entry.tokens)
+            if not any(isinstance(p, _Staged) for p, _ in parts):
+                return 0  # all of it is here already: the preparer's adoption takes it
+            entry = self._commit(ssd, key, stem, parts, created)
             fsync_dir(ssd.dir)
-            return len(entry.tokens)
+            return len(entry.tokens) if entry is not None else 0
         except OSError as e:
             log.warning("importing session KV from the remote tier failed: %s", e)
             index.count("remote_errors")
             return 0
         finally:
+            leftover = [p for p, _ in parts if isinstance(p, _Staged) and not p.committed]
             with index.lock:
-                index.ssd_reserved -= sum(size for _, _, size in staged)
-            for tmp, _, _ in staged:
-                unlink(tmp)
+                index.ssd_reserved -= sum(p.size for p in leftover)
+            for p in leftover:
+                unlink(p.tmp)
+
+    def _fetch(self, store_keys: list[str], max_chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
+        """The sealed values under ``store_keys`` in order, one at a time (memory holds one chunk), up to the
+        first missing one; a value over ``max_chunk_bytes`` (no sealed chunk of this layout is that large)
+        ends it too. Nothing when the remote is down or failing."""
+        for store_key in store_keys:
+            if not self.available:
+                self.index.count("remote_skipped_down")
+                return
+            self.delays.before_remote_read()
+            try:
+                size, blob = self.backend.get_capped(store_key, max_chunk_bytes)
+            except Exception as e:
+                self._failed("fetch", e)
+                return
+            if size == 0:
+                return
+            if size > max_chunk_bytes:
+                self.index.count("remote_chunks_discarded_oversize")
+                return
+            self.index.count("remote_chunks_fetched")
+            yield store_key, blob
+
+    def _stage(self, ssd: SsdTier, fetched: tuple[str, bytes], tokens: list[int], index_in_session: int, *,
+               session_key: str = "", digest: str = "", parent: str = "",
+               deleted_at: float | None = None) -> _Staged | None:
+        """Verify one fetched chunk (signature, then as a local file: header, fingerprint, every layer's CRC,
+        then its place: this session's, or the content chunk with this digest, continuing ``tokens``) and
+        write it to a temporary file with its SSD space reserved; None (counted) when it does not pass."""
+        assert ssd.dir is not None
+        index = self.index
+        store_key, blob = fetched
+        try:
+            sealed = self.signer.open(store_key, blob)
+            created, chunk = _CREATED.unpack(sealed[:_CREATED.size])[0], sealed[_CREATED.size:]
+            if session_key and deleted_at is not None and created <= deleted_at:
+                raise ChunkError("deleted", f"session created at {created}, deleted at {deleted_at}")
+            header = validate_bytes(chunk, ssd.layout)
+        except (ChunkError, struct.error) as e:
+            index.count(f"remote_chunks_discarded_{getattr(e, 'reason', 'format')}")
+            return None
+        if (header.session_key != session_key or header.digest != digest or header.parent != parent
+                or header.chunk_index != index_in_session or header.start != len(tokens)
+                or header.prefix_hash != prefix_hash(tokens + header.token_ids)):
+            index.count("remote_chunks_discarded_stale")
+            return None
+        with index.lock:
+            if not ssd.reserve_locked(len(chunk), None):
+                return None
+        final = content_path(ssd.dir, digest) if digest else chunk_path(ssd.dir, file_stem(session_key),
+                                                                        index_in_session)
+        tmp = final.with_name(f"{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+        staged = _Staged(tmp, final, header, len(chunk), created)
+        _write_synced(tmp, chunk)
+        return staged
+
+    def _commit(self, ssd: SsdTier, key: str, stem: str, parts: list[tuple[Chunk | _Staged, list[int]]],
+                created: float | None) -> SessionEntry | None:
+        """Make the verified parts the session's entry, all at once under the lock (None: it appeared here
+        meanwhile). Content chunks registered meanwhile by another session are taken instead of the copy."""
+        index = self.index
+        entry = SessionEntry(key=key, file_stem=stem)
+        if created is not None:
+            entry.created = created  # the session's own creation, wherever that was
+        with index.lock:
+            if key in index.entries:
+                return None
+            for part, part_tokens in parts:
+                if isinstance(part, Chunk):
+                    chunk = part if part.servable and index.content.get(part.digest or "") is part else None
+                    if chunk is None:
+                        break
+                else:
+                    digest = part.header.digest or None
+                    chunk = index.content.get(digest) if digest is not None else None
+                    if chunk is None or not chunk.servable:
+                        commit(part.tmp, part.final)
+                        n = part.header.num_tokens
+                        chunk = Chunk(index=part.header.chunk_index, start=part.header.start, n=n, digest=digest,
+                                      parent=part.header.parent,
+                                      ssd=SsdCopy(path=part.final, nbytes=part.size, file_tokens=n, valid_tokens=n))
+                        index.ssd_used += part.size
+                        if digest is not None:
+                            index.content[digest] = chunk
+                        elif entry.private_from is None:
+                            entry.private_from = chunk.start
+                        index.counters["tokens_imported_remote"] += n
+                    else:
+                        unlink(part.tmp)
+                    index.ssd_reserved -= part.size
+                    part.committed = True
+                chunk.owners.add(key)
+                entry.chunks.append(chunk)
+                entry.tokens.extend(part_tokens)
+            entry.last_used = time.time()
+            entry.from_remote = True
+            entry.remote_touched = time.monotonic()
+            index.entries[key] = entry
+            index.counters["remote_imports"] += 1
+        return entry
 
     # ------------------------------------------------------------------ expiry and deletion
 
@@ -347,7 +436,7 @@ class RemoteTier:
         if now - entry.remote_touched < self.ttl_s / 4 or not entry.chunks:
             return
         entry.remote_touched = now
-        keys = [self.key(entry.file_stem, c.index) for c in entry.chunks]
+        keys = [self.key(self.chunk_name(entry, c)) for c in entry.chunks]
 
         def expire() -> None:
             if not self.available:
@@ -359,18 +448,22 @@ class RemoteTier:
 
         self.uploader.put(expire)
 
-    def forget(self, session_key: str) -> None:
+    def forget(self, session_key: str, orphaned: tuple[str, ...] | list[str] = ()) -> None:
         """A deleted session leaves the shared tier too (queued behind its uploads): a tombstone first, so
-        servers holding a copy drop it, then its chunks. Retried while the remote is down."""
+        servers holding a copy drop it, then its own chunks and the content chunks no session here shares
+        (``orphaned`` digests; one another server's session still uses is uploaded again when it next
+        writes it, or recomputed there). Retried while the remote is down."""
         stem = file_stem(session_key)
         deleted_at = time.time()
-        self.uploader.put(lambda: self._forget(stem, deleted_at))
+        names = [f"c:{d}" for d in orphaned]
+        self.uploader.put(lambda: self._forget(stem, deleted_at, names))
 
-    def _forget(self, stem: str, deleted_at: float) -> bool:
+    def _forget(self, stem: str, deleted_at: float, names: list[str] | None = None) -> bool:
         if self.available:
             try:
                 self.backend.put(self.tombstone_key(stem), repr(deleted_at).encode(), self.ttl_s)
-                self.backend.delete_many([self.key(stem, i) for i in range(MAX_CHUNKS)])
+                own = [self.key(f"{stem}:{i:06d}") for i in range(MAX_CHUNKS)]
+                self.backend.delete_many(own + [self.key(n) for n in names or []])
                 with self._lock:
                     self._unforgotten.pop(stem, None)
                 return True

@@ -1,4 +1,10 @@
-"""In-memory index of one stored session: its token ids and the chunks that hold their KV."""
+"""In-memory index of one stored session: its token ids and the chunks that hold their KV.
+
+A session is a list of chunks. Its whole chunks that any session of its tenant could compute the same way
+are content chunks (named by their place in a hash chain, :mod:`.content_chain`) and may be shared: one
+Chunk object, referenced by every session whose history starts with those tokens (``owners``). The rest
+(a partial tail, and whatever follows KV re-encoded by a truncation) is the session's own.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ class SsdCopy:
     valid_tokens: int  # leading tokens of the file that still match the chunk (a cut-back lowers it)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one object may sit in several sessions
 class Chunk:
     """A run of consecutive tokens of a session, in DRAM, on SSD, or both."""
 
@@ -29,6 +35,13 @@ class Chunk:
     ssd: SsdCopy | None = None
     version: int = 0  # bumped on every content change, so a racing SSD write can tell it is stale
     prefetched: bool = False
+    digest: str | None = None  # a content chunk's address (whole, and pure KV of its tokens); None: private
+    parent: str = ""  # the digest of the content chunk before it ("" for the first)
+    owners: set[str] = field(default_factory=set)  # keys of the sessions whose lists hold it
+
+    @property
+    def shared(self) -> bool:
+        return len(self.owners) > 1
 
     @property
     def end(self) -> int:
@@ -66,6 +79,20 @@ class SessionEntry:
     from_remote: bool = False  # imported from the shared tier and not looked up since: its hit says "remote"
     created: float = field(default_factory=time.time)  # wall clock: a later deletion elsewhere outdates it
     remote_touched: float = 0.0  # monotonic time its shared copy's expiry was last pushed back
+    # Tokens from here on hold KV re-encoded by a truncation (or restored from the session's own files, whose
+    # history is unknown): never content, so never shared. None: all of it is the plain model's KV.
+    private_from: int | None = None
+    manifest: Path | None = None  # its manifest file on SSD (the content chunks it references)
+    refs_written: list[str] = field(default_factory=list)  # what that file lists
+
+    def content_refs(self) -> list[str]:
+        """Digests of its leading content chunks (what its manifest lists)."""
+        refs = []
+        for c in self.chunks:
+            if c.digest is None:
+                break
+            refs.append(c.digest)
+        return refs
 
     def dram_bytes(self) -> int:
         return sum(c.dram_bytes for c in self.chunks)

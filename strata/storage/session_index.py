@@ -1,7 +1,14 @@
 """The scheduler side of the KV store: which session holds which tokens in which tier.
 
-One lock guards everything here and in the tiers: the entries, the look-ahead window, pins, counters
-and the DRAM/SSD budget accounting. Methods whose names end in ``_locked`` expect the caller to hold
+One lock guards everything here and in the tiers: the entries, the content chunks they share, the
+look-ahead window, pins, counters and the DRAM/SSD budget accounting.
+
+Sharing: a whole chunk of plain model KV is registered under its content digest (:mod:`.content_chain`)
+when it fills; a session that fills a chunk with the same digest drops its copy and references the
+registered one, and a session whose prompt starts with registered chunks adopts them before its request
+runs. A chunk belongs to every session in its ``owners``; it is dropped when the last one lets go of it,
+and edited (cut) in place only when it has one owner: a session diverging inside a shared chunk gets a
+copy of its part. The budgets count each chunk once. Methods whose names end in ``_locked`` expect the caller to hold
 ``lock``; the others take it. Nothing here waits on I/O (dropping a chunk only unlinks its file).
 """
 
@@ -13,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from strata.storage.content_chain import prompt_digests, scope_of
 from strata.storage.eviction import POLICIES
 from strata.storage.session_entry import Chunk, SessionEntry, common_prefix
 from strata.storage.ssd_scan import ScanResult, file_stem
@@ -22,7 +30,8 @@ _ZERO_KEYS = ("lookups_hit_dram", "lookups_hit_ssd", "lookups_miss", "tokens_reu
               "bytes_loaded_dram", "bytes_loaded_ssd", "bytes_saved_dram", "bytes_saved_ssd", "load_seconds",
               "load_stall_seconds", "load_stall_seconds_dram", "load_stall_seconds_ssd", "evictions_dram",
               "evictions_ssd", "expirations", "prefetches_issued", "prefetches_used", "corrupt_chunks_discarded",
-              "temp_files_removed", "saves_dropped", "load_errors", "load_timeouts", "saves_dropped_queue_full")
+              "temp_files_removed", "saves_dropped", "load_errors", "load_timeouts", "saves_dropped_queue_full",
+              "tokens_reused_shared", "shared_chunks_adopted", "shared_chunks_deduplicated")
 
 
 class Hit(NamedTuple):
@@ -31,7 +40,8 @@ class Hit(NamedTuple):
 
 
 class SessionIndex:
-    def __init__(self, *, policy: str, ttl_s: float, dram_bytes: int, ssd_bytes: int, token_bytes: int) -> None:
+    def __init__(self, *, policy: str, ttl_s: float, dram_bytes: int, ssd_bytes: int, token_bytes: int,
+                 chunk_tokens: int = 256) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.policy = policy
@@ -39,8 +49,10 @@ class SessionIndex:
         self.dram_bytes = dram_bytes
         self.ssd_bytes = ssd_bytes
         self.token_bytes = token_bytes
+        self.chunk_tokens = chunk_tokens
         self.lock = threading.Lock()
         self.entries: dict[str, SessionEntry] = {}
+        self.content: dict[str, Chunk] = {}  # digest -> the content chunk sessions share
         self.window: dict[str, int] = {}  # look-ahead window: session -> place in the waiting queue
         self.pins: dict[str, float] = {}  # session -> pinned until (time.time())
         self.dram_used = 0
@@ -57,7 +69,8 @@ class SessionIndex:
         """Start from what the SSD directory holds (after a restart)."""
         with self.lock:
             self.entries = scan.entries
-            self.ssd_used = sum(e.ssd_bytes() for e in self.entries.values())
+            self.content = scan.content
+            self.ssd_used = scan.ssd_bytes
             self.counters["temp_files_removed"] += scan.temp_removed
             for reason, n in scan.discarded.items():
                 self.counters[f"chunks_discarded_{reason}"] += n
@@ -83,6 +96,84 @@ class SessionIndex:
             on_disk = any(c.dram is None for c in entry.chunks_for(lcp))
             tier = "remote" if entry.from_remote else "ssd" if on_disk else "dram"
             return Hit(lcp, tier), diverges
+
+    def shared_prefix_locked(self, session_key: str, prompt_ids: list[int]) -> list[Chunk]:
+        """The registered content chunks the prompt starts with (in its tenant), up to the first missing,
+        unservable, or not needed (the last prompt token is always computed) one."""
+        scope = scope_of(session_key)
+        if scope is None or not self.content:
+            return []
+        chunks = []
+        for digest in prompt_digests(scope, prompt_ids[:-1], self.chunk_tokens):
+            chunk = self.content.get(digest)
+            if chunk is None or not chunk.servable:
+                break
+            chunks.append(chunk)
+        return chunks
+
+    def adoptable(self, session_key: str, prompt_ids: list[int]) -> bool:
+        """Whether content chunks would cover more of the prompt than the session's own stored tokens."""
+        with self.lock:
+            shared = self.shared_prefix_locked(session_key, prompt_ids)
+            entry = self.entries.get(session_key)
+            return bool(shared) and shared[-1].end > (common_prefix(entry.tokens, prompt_ids) if entry else 0)
+
+    def shared_tokens(self, session_key: str, num_tokens: int) -> int:
+        """Of the session's first ``num_tokens`` stored tokens, those in chunks other sessions share."""
+        with self.lock:
+            entry = self.entries.get(session_key)
+            if entry is None:
+                return 0
+            return sum(min(c.end, num_tokens) - c.start for c in entry.chunks_for(num_tokens) if c.shared)
+
+    def adopt_shared_locked(self, session_key: str, prompt_ids: list[int]) -> int:
+        """Make the session start with the registered content chunks its prompt starts with, when they cover
+        more of the prompt than its own stored tokens do; returns the tokens adopted (0: nothing changed)."""
+        shared = self.shared_prefix_locked(session_key, prompt_ids)
+        if not shared:
+            return 0
+        entry = self.entries.get(session_key)
+        own = common_prefix(entry.tokens, prompt_ids) if entry is not None else 0
+        if shared[-1].end <= own:
+            return 0
+        entry = self.entry_locked(session_key)
+        keep = 0  # its leading chunks that are these very chunks stay
+        while keep < len(entry.chunks) and keep < len(shared) and entry.chunks[keep] is shared[keep]:
+            keep += 1
+        self.cut_locked(entry, keep * self.chunk_tokens)
+        for chunk in shared[keep:]:
+            chunk.owners.add(session_key)
+            entry.chunks.append(chunk)
+            entry.tokens.extend(prompt_ids[chunk.start:chunk.end])
+        entry.last_used = time.time()
+        self.counters["shared_chunks_adopted"] += len(shared) - keep
+        return (len(shared) - keep) * self.chunk_tokens
+
+    def seal_locked(self, entry: SessionEntry, chunk: Chunk) -> Chunk:
+        """A chunk of ``entry`` just filled: register it as content if it is plain KV after content, or, if an
+        equal chunk is registered already, drop this copy for it. Returns the chunk the entry now holds."""
+        pos = entry.chunks.index(chunk)
+        scope = scope_of(entry.key)
+        parent = entry.chunks[pos - 1].digest if pos else ""
+        if (scope is None or chunk.digest is not None or chunk.n < self.chunk_tokens or parent is None
+                or (entry.private_from is not None and chunk.end > entry.private_from)):
+            return chunk
+        digest = prompt_digests(scope, entry.tokens[:chunk.end], self.chunk_tokens)[-1]
+        same = self.content.get(digest)
+        if same is None or not same.servable:
+            if same is not None:
+                self.unregister_locked(same)
+            chunk.digest, chunk.parent = digest, parent
+            self.content[digest] = chunk
+            if chunk.ssd is not None:  # the file of its partial days: the content file replaces it
+                self.drop_ssd_locked(chunk)
+            return chunk
+        self.drop_chunk_locked(chunk)
+        chunk.owners.discard(entry.key)
+        same.owners.add(entry.key)
+        entry.chunks[pos] = same
+        self.counters["shared_chunks_deduplicated"] += 1
+        return same
 
     def count_lookup(self, hit: Hit) -> None:
         self.count(f"lookups_hit_{hit.tier}" if hit.tier else "lookups_miss")
@@ -126,6 +217,10 @@ class SessionIndex:
         self.drop_all_locked(entry)
         return True
 
+    def orphaned_digests_locked(self, entry: SessionEntry) -> list[str]:
+        """The content chunks only this session references (what its deletion removes everywhere)."""
+        return [c.digest for c in entry.chunks if c.digest is not None and c.owners <= {entry.key}]
+
     def info(self, session_key: str) -> dict[str, Any] | None:
         with self.lock:
             entry = self.entries.get(session_key)
@@ -135,7 +230,8 @@ class SessionIndex:
             on_ssd = sum(c.n for c in entry.chunks if c.on_ssd)
             tier = None if not entry.tokens else "dram" if in_dram == len(entry.tokens) else "ssd"
             return {"session_key": entry.key, "tokens": len(entry.tokens), "tier": tier,
-                    "tokens_dram": in_dram, "tokens_ssd": on_ssd, "dram_bytes": entry.dram_bytes(),
+                    "tokens_dram": in_dram, "tokens_ssd": on_ssd,
+                    "tokens_shared": sum(c.n for c in entry.chunks if c.shared), "dram_bytes": entry.dram_bytes(),
                     "ssd_bytes": entry.ssd_bytes(), "chunks": len(entry.chunks),
                     "last_used": entry.last_used, "pinned_until": self.pins.get(entry.key, 0.0),
                     "in_window": entry.key in self.window, "pending_saves": entry.pending_saves}
@@ -155,6 +251,13 @@ class SessionIndex:
             out["capacity_bytes_dram"] = float(self.dram_bytes)
             out["capacity_bytes_ssd"] = float(self.ssd_bytes)
             out["sessions"] = float(sum(1 for e in self.entries.values() if e.tokens))
+            shared = [c for c in self.content.values() if c.shared]
+            out["shared_chunks"] = float(len(shared))
+            # What the tiers would hold if every session kept its own copy of what it shares.
+            out["bytes_without_sharing_dram"] = float(self.dram_used + sum(
+                (len(c.owners) - 1) * c.dram_bytes for c in shared))
+            out["bytes_without_sharing_ssd"] = float(self.ssd_used + sum(
+                (len(c.owners) - 1) * c.ssd.nbytes for c in shared if c.ssd is not None))
             return out
 
     # ------------------------------------------------------------------ entries (lock held)
@@ -166,9 +269,10 @@ class SessionIndex:
             self.entries[key] = entry
         return entry
 
-    def holds_locked(self, entry: SessionEntry, chunk: Chunk) -> bool:
-        """Whether ``chunk`` is still part of the live ``entry`` (a racing cut or delete may have dropped it)."""
-        return self.entries.get(entry.key) is entry and any(c is chunk for c in entry.chunks)
+    @staticmethod
+    def live_locked(chunk: Chunk) -> bool:
+        """Whether some session still holds ``chunk`` (a racing cut or delete may have dropped it)."""
+        return bool(chunk.owners)
 
     def pinned_locked(self) -> set[str]:
         now = time.time()
@@ -177,10 +281,31 @@ class SessionIndex:
     def cut_locked(self, entry: SessionEntry, n: int) -> None:
         """Keep only the first ``n`` stored tokens."""
         keep: list[Chunk] = []
-        for chunk in entry.chunks:
+        if entry.private_from is not None and n <= entry.private_from:
+            entry.private_from = None  # what follows is computed afresh
+        for i, chunk in enumerate(entry.chunks):
             if chunk.start >= n:
-                self.drop_chunk_locked(chunk)
+                self.release_locked(entry, chunk)
                 continue
+            if chunk.end > n and (chunk.digest is not None or chunk.shared):
+                # A content chunk stops being one. Its bytes stay only in DRAM: shared, the session gets a
+                # copy of its part; its own, it is unregistered (its content file no longer matches). Held
+                # only on SSD, the session ends where it begins.
+                if chunk.dram is None:
+                    for later in entry.chunks[i:]:
+                        self.release_locked(entry, later)
+                    n = chunk.start
+                    break
+                if chunk.shared:
+                    own = Chunk(index=chunk.index, start=chunk.start, n=chunk.n, dram=chunk.dram.clone(),
+                                owners={entry.key})
+                    self.dram_used += own.dram_bytes
+                    self.release_locked(entry, chunk)
+                    chunk = own
+                else:
+                    self.unregister_locked(chunk)
+                    if chunk.ssd is not None:
+                        self.drop_ssd_locked(chunk)
             if chunk.end > n:
                 chunk.n = n - chunk.start
                 chunk.version += 1
@@ -202,6 +327,25 @@ class SessionIndex:
                 self.cut_locked(entry, chunk.start)
                 return
 
+    def repair_owners_locked(self, chunk: Chunk) -> None:
+        """After a tier dropped data of ``chunk``: repair every session holding it."""
+        for key in list(chunk.owners):
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.repair_locked(entry)
+
+    def release_locked(self, entry: SessionEntry, chunk: Chunk) -> None:
+        """``entry`` lets go of ``chunk`` (the caller takes it out of its list); the last owner drops it."""
+        chunk.owners.discard(entry.key)
+        if not chunk.owners:
+            self.drop_chunk_locked(chunk)
+            self.unregister_locked(chunk)
+
+    def unregister_locked(self, chunk: Chunk) -> None:
+        if chunk.digest is not None and self.content.get(chunk.digest) is chunk:
+            del self.content[chunk.digest]
+        chunk.digest = None
+
     def drop_chunk_locked(self, chunk: Chunk) -> None:
         if chunk.dram is not None:
             self.dram_used -= chunk.dram.nbytes
@@ -217,9 +361,14 @@ class SessionIndex:
 
     def drop_all_locked(self, entry: SessionEntry) -> None:
         for chunk in entry.chunks:
-            self.drop_chunk_locked(chunk)
+            self.release_locked(entry, chunk)
         entry.chunks = []
         entry.tokens = []
+        entry.private_from = None
+        if entry.manifest is not None:
+            unlink(entry.manifest)
+            entry.manifest = None
+            entry.refs_written = []
 
     # ------------------------------------------------------------------ TTL
 

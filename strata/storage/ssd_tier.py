@@ -1,8 +1,10 @@
 """The SSD tier: chunk files under ``ssd_dir``, written back from DRAM and prefetched into it.
 
 Writes go to a temporary name, are fsynced and renamed (see chunk_file), so a crash never leaves a
-half-written chunk under a real name. The disk budget is reserved before a file is written; making room
-removes whole sessions' files. Background work (write-back, prefetch, TTL upkeep) runs on the I/O thread.
+half-written chunk under a real name. A content chunk (shared by sessions, see session_index) is one file
+named by its digest; each session's manifest lists the content chunks it starts with. The disk budget is
+reserved before a file is written; making room removes sessions' files, those other sessions share last.
+Background work (write-back, prefetch, TTL upkeep) runs on the I/O thread.
 The start-up scan that rebuilds the index lives in ssd_scan.py.
 """
 
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from strata.storage import session_manifest
 from strata.storage.chunk_file import (
     TEMP_MARK,
     ChunkError,
@@ -30,12 +33,13 @@ from strata.storage.chunk_file import (
     read_layer,
     write_temp,
 )
+from strata.storage.content_chain import scope_of
 from strata.storage.eviction import eviction_order
 from strata.storage.injected_delays import NO_DELAYS, InjectedDelays
 from strata.storage.job_thread import JobThread
 from strata.storage.session_entry import Chunk, SessionEntry, SsdCopy
 from strata.storage.session_index import SessionIndex, unlink
-from strata.storage.ssd_scan import chunk_path, scan_directory
+from strata.storage.ssd_scan import chunk_path, content_path, scan_directory
 
 if TYPE_CHECKING:
     from strata.storage.dram_tier import DramTier
@@ -55,9 +59,9 @@ class SsdTier:
         self._writeback_queued: set[str] = set()  # guarded by index.lock, like everything it indexes
         self._prefetch_queued: set[str] = set()
         self.io = JobThread("kv-io", lambda: index.count("background_errors"), idle=index.expire_periodic)
-        # Called with each chunk file once written (path, session file stem, chunk index, when the session
-        # was created): the shared tier.
-        self.on_written: Callable[[Path, str, int, float], None] | None = None
+        # Called with each chunk file once written (path, the chunk's name in the shared tier, when its
+        # session was created; 0 for a content chunk, which belongs to no session): the shared tier.
+        self.on_written: Callable[[Path, str, float], None] | None = None
 
     def open(self) -> None:
         """Rebuild the index from the directory, then fit the budget (it may be smaller than last time)."""
@@ -78,23 +82,26 @@ class SsdTier:
             return False
         index, layout = self.index, self.layout
         with index.lock:
-            if not index.holds_locked(entry, chunk):
+            if not index.live_locked(chunk):
                 return False
             if not chunk.dirty:
                 return True
             assert chunk.dram is not None
             n, version, data = chunk.n, chunk.version, chunk.dram[:, :, :chunk.n]
             tokens = entry.tokens[:chunk.end]
-            header = ChunkHeader(fingerprint=layout.fingerprint, session_key=entry.key,
+            digest = chunk.digest
+            header = ChunkHeader(fingerprint=layout.fingerprint, session_key="" if digest else entry.key,
                                  chunk_index=chunk.index, start=chunk.start, token_ids=tokens[chunk.start:],
                                  prefix_hash=prefix_hash(tokens), num_layers=layout.num_layers,
                                  num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                                 dtype=layout.dtype_name, layer_crc=[0xFFFFFFFF] * layout.num_layers)
+                                 dtype=layout.dtype_name, layer_crc=[0xFFFFFFFF] * layout.num_layers,
+                                 digest=digest or "", parent=chunk.parent if digest else "",
+                                 scope=(scope_of(entry.key) or "") if digest else "")
             # An upper bound: the real checksums print no longer than 0xFFFFFFFF.
             size = len(header.encode()) + layout.num_layers * layout.layer_bytes(n)
             if not self.reserve_locked(size, entry.key):
                 return False
-        final = chunk_path(self.dir, entry.file_stem, chunk.index)
+        final = content_path(self.dir, digest) if digest else chunk_path(self.dir, entry.file_stem, chunk.index)
         tmp = final.with_name(f"{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
             written = write_temp(tmp, header, data)
@@ -106,8 +113,10 @@ class SsdTier:
             return False
         with index.lock:
             index.ssd_reserved -= size
-            # The chunk may have changed (a save, a cut) while its file was written: then it is stale.
-            current = index.holds_locked(entry, chunk) and chunk.version == version and written <= size
+            # The chunk may have changed (a save, a cut, no longer content) while its file was written: then
+            # it is stale.
+            current = (index.live_locked(chunk) and chunk.version == version and chunk.digest == digest
+                       and written <= size)
             if current:
                 commit(tmp, final)
                 if chunk.ssd is not None:
@@ -120,24 +129,60 @@ class SsdTier:
             return False
         fsync_dir(self.dir)
         if self.on_written is not None:
-            self.on_written(final, entry.file_stem, chunk.index, entry.created)
+            name = f"c:{digest}" if digest else f"{entry.file_stem}:{chunk.index:06d}"
+            self.on_written(final, name, 0.0 if digest else entry.created)
         return True
 
+    def write_manifest(self, entry: SessionEntry) -> None:
+        """(Re)write the session's manifest when the content chunks it starts with changed. Called without
+        the lock, on the I/O thread (the only writer of manifests)."""
+        assert self.dir is not None
+        with self.index.lock:
+            if self.index.entries.get(entry.key) is not entry:
+                return
+            refs = entry.content_refs()
+            if refs == entry.refs_written and (refs or entry.manifest is None):
+                return
+            path = session_manifest.manifest_path(self.dir, entry.file_stem)
+            created = entry.created
+        try:
+            if refs:
+                session_manifest.write(path, entry.key, created, refs)
+            else:
+                unlink(path)
+        except OSError:
+            log.exception("writing the manifest of a session failed")
+            return
+        with self.index.lock:
+            if self.index.entries.get(entry.key) is entry:
+                entry.manifest, entry.refs_written = (path if refs else None), refs
+            elif refs:  # deleted meanwhile: its manifest goes too
+                unlink(path)
+
     def reserve_locked(self, size: int, protect: str | None) -> bool:
-        """Make room for ``size`` bytes on SSD (evicting whole sessions' files) and reserve it."""
+        """Make room for ``size`` bytes on SSD (evicting sessions' files: first what no other session shares,
+        then shared chunks) and reserve it."""
         index = self.index
         pinned = index.pinned_locked()
+        shared_too = False
         while index.ssd_used + index.ssd_reserved + size > index.ssd_bytes:
             order = eviction_order(index.entries.values(), policy=index.policy, window=index.window,
                                    pinned=pinned, exclude={protect} if protect else set())
-            victim = next((e for e in order if e.key not in pinned and e.ssd_bytes() > 0), None)
+            victim = next((e for e in order if e.key not in pinned and any(
+                c.ssd is not None and (shared_too or not c.shared)
+                and (protect is None or protect not in c.owners) for c in e.chunks)), None)
             if victim is None:
-                return False
-            for chunk in victim.chunks:
-                if chunk.ssd is not None:
-                    index.drop_ssd_locked(chunk)
+                if shared_too:
+                    return False
+                shared_too = True
+                continue
+            dropped = [c for c in victim.chunks if c.ssd is not None and (shared_too or not c.shared)
+                       and (protect is None or protect not in c.owners)]
+            for chunk in dropped:
+                index.drop_ssd_locked(chunk)
             index.counters["evictions_ssd"] += 1
-            index.repair_locked(victim)
+            for chunk in dropped:
+                index.repair_owners_locked(chunk)
         index.ssd_reserved += size
         return True
 
@@ -156,6 +201,7 @@ class SsdTier:
             todo = [c for c in entry.chunks if c.dirty and (c.n >= self.chunk_tokens or entry.pending_saves == 0)]
         for chunk in todo:
             self.write_chunk(entry, chunk)
+        self.write_manifest(entry)
 
     def writeback_all(self) -> None:
         """Shutdown: queue every session whose DRAM holds what the SSD lacks."""
@@ -246,7 +292,6 @@ class SsdTier:
                 same = True
             if same:
                 index.drop_ssd_locked(chunk)
-                for entry in index.entries.values():
-                    if any(c is chunk for c in entry.chunks):
-                        index.repair_locked(entry)
-                        break
+                if chunk.dram is None:
+                    index.unregister_locked(chunk)  # not servable: a new copy may take its digest
+                index.repair_owners_locked(chunk)

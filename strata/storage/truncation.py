@@ -53,7 +53,10 @@ class Truncator:
         with index.lock:
             if index.entries.get(key) is not entry or entry.tokens != old_tokens:
                 raise KVLoadError(f"session {key!r} changed during truncation")
+            private_from = entry.private_from
             index.cut_locked(entry, 0)
+            # From the cut on its KV is re-encoded, not what the model computes for these tokens: its own.
+            entry.private_from = keep_head if private_from is None else min(private_from, keep_head)
             entry.pending_saves += 1  # an empty entry must not expire before it is refilled
         try:
             self.dram.append(entry, new_tokens, 0, new_kv)

@@ -118,7 +118,7 @@ class KVCacheManager:
         key = self.cache_key(seq)
         first = seq.num_preemptions == 0  # what the client is told was reused: the first admission's
         if first:
-            seq.cache_tier, seq.num_cached_tokens = None, 0
+            seq.cache_tier, seq.num_cached_tokens, seq.num_shared_tokens = None, 0, 0
         if key is None:
             return
         anonymous = not seq.request.session_key
@@ -133,6 +133,8 @@ class KVCacheManager:
         if first:
             seq.num_cached_tokens = seq.num_computed
             seq.cache_tier = tier
+            if tier not in (None, "hbm"):  # device blocks are the session's own; stored chunks may be shared
+                seq.num_shared_tokens = min(seq.stored_shared_tokens, seq.num_computed)
 
     def admitted(self, seq: Sequence) -> None:
         """The sequence joined the running batch: count its hit (once, not again after a preemption)."""
@@ -180,6 +182,7 @@ class KVCacheManager:
             seq.blocks = BlockTable(self.pool.num_layers)
         seq.num_computed = 0
         seq.num_cached_tokens = 0
+        seq.num_shared_tokens = 0
         seq.cache_tier = None
 
     # ------------------------------------------------------------------ after a step, at the end
