@@ -93,10 +93,12 @@ class ServerProcess:
     def log_tail(self) -> str:
         return self.log_path.read_text()[-3000:] if self.log_path and self.log_path.exists() else ""
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The first sample of `name` (with these labels, if given)."""
         text = httpx.get(self.base_url + "/metrics", timeout=5).text
+        want = [f'{k}="{v}"' for k, v in labels.items()]
         for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if (line.startswith(name + " ") or line.startswith(name + "{")) and all(w in line for w in want):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 

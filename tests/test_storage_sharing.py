@@ -74,9 +74,26 @@ def test_a_new_session_starts_from_the_shared_chunks(tmp_path):
     assert result.shared_tokens == len(SYSTEM) and result.tier == "dram"
     assert torch.equal(load_kv(store, "t/new", len(SYSTEM), prompt), PREFIX_KV)
     assert store.stats()["tokens_reused_shared"] == len(SYSTEM)
-    # A prompt that is the shared prefix exactly: the last token is computed, so one chunk less is adopted.
+    # A prompt that is the shared prefix exactly: the last token is computed, so the last chunk is copied
+    # but for that token.
     prepare(store, "t/exact", SYSTEM)
-    assert store.lookup("t/exact", SYSTEM).tokens == 2 * CHUNK
+    assert store.lookup("t/exact", SYSTEM).tokens == len(SYSTEM) - 1
+    store.close()
+
+
+def test_a_prompt_leaving_a_shared_chunk_part_way_copies_the_part_it_matches(tmp_path):
+    store = make_store(make_pool(), tmp_path)
+    conversation(store, "t/a", 40, 1)
+    prompt = SYSTEM[:2 * CHUNK + 20] + toks(30, 31_000)
+    result = prepare(store, "t/new", prompt)
+    assert store.lookup("t/new", prompt) == (2 * CHUNK + 20, "dram")
+    assert result.shared_tokens == 2 * CHUNK  # the copied part is its own
+    assert torch.equal(load_kv(store, "t/new", 2 * CHUNK + 20, prompt), PREFIX_KV[:, :, :2 * CHUNK + 20])
+    assert store.stats()["shared_tokens_copied"] == 20
+    # Too short a match is not worth a copy.
+    short = SYSTEM[:2 * CHUNK + 5] + toks(30, 32_000)
+    prepare(store, "t/short", short)
+    assert store.lookup("t/short", short).tokens == 2 * CHUNK
     store.close()
 
 

@@ -45,6 +45,12 @@ class KVSaver:
         self.queued_bytes = 0  # KV copies waiting to be applied; guarded by index.lock
         self.thread = JobThread("kv-saver", lambda: index.count("background_errors"))
 
+    @property
+    def busy(self) -> bool:
+        """Saves are queued (unapplied)."""
+        with self.index.lock:
+            return self.queued_bytes > 0
+
     # ------------------------------------------------------------------ engine side
 
     def save(self, session_key: str, token_ids: list[int], blocks: BlockTable, start: int, end: int) -> None:

@@ -272,8 +272,8 @@ class KVStore:
         """Start the session with the stored content chunks its prompt starts with, if they cover more of it
         than its own history; after its pending saves. Returns the tokens adopted (the preparer's thread)."""
         self._check_open()
-        if not self.index.adoptable(session_key, prompt_ids):
-            return 0
+        if not self.index.adoptable(session_key, prompt_ids) and not self.saver.busy:
+            return 0  # (saves still queued may register the chunks: then it is asked again behind them)
 
         def adopt() -> int:
             with self.index.lock:

@@ -4,19 +4,24 @@ another server (scale-out, a killed node) keeps its KV.
 What goes there is exactly what the SSD tier wrote (the chunk file: header with session key, token ids,
 prefix hash and model fingerprint, then each layer with its CRC), sealed with an HMAC that binds it to its
 key (:mod:`.chunk_signing`), uploaded after the local write on a thread of its own, so the forward pass
-never waits on it. Keys are the model fingerprint, the session's file stem (a hash of the tenant-scoped
-session key: tenants stay apart) and the chunk index.
+never waits on it. Keys are the model fingerprint and either the session's file stem (a hash of the
+tenant-scoped session key: tenants stay apart) and the chunk index, for a session's own chunks, or
+``c:DIGEST`` for a content chunk that sessions of a tenant share (:mod:`.content_chain`; the tenant is in
+the digest), stored once whatever the number of sessions holding it.
 
 Trust: the store is reached with a password or ACL user (never in the URL: from a file or the
 environment) and over TLS with ``rediss://``; whatever it returns is still treated as hostile. A session
 unknown to a server is imported one chunk at a time (memory holds one chunk; a value larger than any chunk
 of this layout is refused unread): each chunk's signature is checked, then the whole chunk as the start-up
 scan checks local files (header field types, fingerprint, every layer's CRC) and its place in the chain
-(index, start, prefix hash, session key), all in memory, and only then is SSD space reserved and the file
-written. Import stops at the prompt: a session costs at most the prompt's tokens plus one chunk.
+(index, start, prefix hash, session key; for a content chunk its digest and parent), all in memory, and only
+then is SSD space reserved and the file written. Import takes the content chunks the prompt starts with
+(those this server holds, else the remote's), then the session's own chunks after them, and stops at the
+prompt: a session costs at most the prompt's tokens plus one chunk.
 
 Deletion sticks: ``forget`` leaves a tombstone (the deletion's wall time, kept for the TTL) and deletes
-the chunks. Every stored value carries, under its signature, when its session was created; a copy created
+the session's own chunks and the content chunks no other session on this server holds (others expire).
+Every stored value carries, under its signature, when its session was created; a copy created
 before the tombstone is never imported, never uploaded again, and dropped by a server holding it when the
 session is next asked for, while a session started afresh under the same id after the deletion is shared
 as usual. A forget that finds the remote down is retried when it is back. (Servers compare wall clocks:
@@ -405,12 +410,12 @@ class RemoteTier:
                     if chunk is None or not chunk.servable:
                         commit(part.tmp, part.final)
                         n = part.header.num_tokens
-                        chunk = Chunk(index=part.header.chunk_index, start=part.header.start, n=n, digest=digest,
-                                      parent=part.header.parent,
+                        chunk = Chunk(index=part.header.chunk_index, start=part.header.start, n=n,
                                       ssd=SsdCopy(path=part.final, nbytes=part.size, file_tokens=n, valid_tokens=n))
                         index.ssd_used += part.size
                         if digest is not None:
-                            index.content[digest] = chunk
+                            index.register_locked(chunk, digest, part.header.parent, part.header.scope,
+                                                  part.header.token_ids)
                         elif entry.private_from is None:
                             entry.private_from = chunk.start
                         index.counters["tokens_imported_remote"] += n

@@ -37,6 +37,8 @@ class Chunk:
     prefetched: bool = False
     digest: str | None = None  # a content chunk's address (whole, and pure KV of its tokens); None: private
     parent: str = ""  # the digest of the content chunk before it ("" for the first)
+    scope: str = ""  # a content chunk's tenant
+    tokens: list[int] | None = None  # a content chunk's token ids (a new session may copy the part it matches)
     owners: set[str] = field(default_factory=set)  # keys of the sessions whose lists hold it
 
     @property

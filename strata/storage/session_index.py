@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from strata.storage.content_chain import prompt_digests, scope_of
+from strata.storage.content_chain import content_digest, prompt_digests, scope_of
 from strata.storage.eviction import POLICIES
 from strata.storage.session_entry import Chunk, SessionEntry, common_prefix
 from strata.storage.ssd_scan import ScanResult, file_stem
@@ -32,6 +32,17 @@ _ZERO_KEYS = ("lookups_hit_dram", "lookups_hit_ssd", "lookups_miss", "tokens_reu
               "evictions_ssd", "expirations", "prefetches_issued", "prefetches_used", "corrupt_chunks_discarded",
               "temp_files_removed", "saves_dropped", "load_errors", "load_timeouts", "saves_dropped_queue_full",
               "tokens_reused_shared", "shared_chunks_adopted", "shared_chunks_deduplicated")
+
+
+# A new session copies the part of a content chunk its prompt matches when it is at least this long (a
+# device block); shorter is not worth a copy.
+MIN_PARTIAL_TOKENS = 16
+
+
+def _family(scope: str, parent: str) -> str:
+    """The key of the content chunks that follow ``parent`` (a digest is already scoped; a first chunk's
+    parent is not)."""
+    return parent or f"root:{scope}"
 
 
 class Hit(NamedTuple):
@@ -53,6 +64,7 @@ class SessionIndex:
         self.lock = threading.Lock()
         self.entries: dict[str, SessionEntry] = {}
         self.content: dict[str, Chunk] = {}  # digest -> the content chunk sessions share
+        self.children: dict[str, set[Chunk]] = {}  # content chunks by tenant and parent (see _family)
         self.window: dict[str, int] = {}  # look-ahead window: session -> place in the waiting queue
         self.pins: dict[str, float] = {}  # session -> pinned until (time.time())
         self.dram_used = 0
@@ -70,6 +82,9 @@ class SessionIndex:
         with self.lock:
             self.entries = scan.entries
             self.content = scan.content
+            self.children = {}
+            for chunk in self.content.values():
+                self.children.setdefault(_family(chunk.scope, chunk.parent), set()).add(chunk)
             self.ssd_used = scan.ssd_bytes
             self.counters["temp_files_removed"] += scan.temp_removed
             for reason, n in scan.discarded.items():
@@ -97,26 +112,36 @@ class SessionIndex:
             tier = "remote" if entry.from_remote else "ssd" if on_disk else "dram"
             return Hit(lcp, tier), diverges
 
-    def shared_prefix_locked(self, session_key: str, prompt_ids: list[int]) -> list[Chunk]:
-        """The registered content chunks the prompt starts with (in its tenant), up to the first missing,
-        unservable, or not needed (the last prompt token is always computed) one."""
+    def shared_prefix_locked(self, session_key: str, prompt_ids: list[int]) -> tuple[list[Chunk], int]:
+        """The registered content chunks the prompt starts with (in its tenant), up to the first missing or
+        unservable one, and how many tokens of the prompt the best next content chunk in DRAM (a child of the
+        last) holds at its start (0: none worth copying). The last prompt token is never covered: it is
+        always computed."""
         scope = scope_of(session_key)
         if scope is None or not self.content:
-            return []
-        chunks = []
-        for digest in prompt_digests(scope, prompt_ids[:-1], self.chunk_tokens):
+            return [], 0
+        ids = prompt_ids[:-1]
+        chunks: list[Chunk] = []
+        for digest in prompt_digests(scope, ids, self.chunk_tokens):
             chunk = self.content.get(digest)
             if chunk is None or not chunk.servable:
                 break
             chunks.append(chunk)
-        return chunks
+        start = len(chunks) * self.chunk_tokens
+        rest = ids[start:start + self.chunk_tokens]
+        best = 0
+        for child in self.children.get(_family(scope, (chunks[-1].digest or "") if chunks else ""), ()):
+            if child.dram is not None and child.tokens and child.servable:
+                best = max(best, common_prefix(child.tokens, rest))
+        return chunks, (best if best >= MIN_PARTIAL_TOKENS else 0)
 
     def adoptable(self, session_key: str, prompt_ids: list[int]) -> bool:
         """Whether content chunks would cover more of the prompt than the session's own stored tokens."""
         with self.lock:
-            shared = self.shared_prefix_locked(session_key, prompt_ids)
+            chunks, partial = self.shared_prefix_locked(session_key, prompt_ids)
             entry = self.entries.get(session_key)
-            return bool(shared) and shared[-1].end > (common_prefix(entry.tokens, prompt_ids) if entry else 0)
+            own = common_prefix(entry.tokens, prompt_ids) if entry else 0
+            return len(chunks) * self.chunk_tokens + partial > own
 
     def shared_tokens(self, session_key: str, num_tokens: int) -> int:
         """Of the session's first ``num_tokens`` stored tokens, those in chunks other sessions share."""
@@ -127,27 +152,51 @@ class SessionIndex:
             return sum(min(c.end, num_tokens) - c.start for c in entry.chunks_for(num_tokens) if c.shared)
 
     def adopt_shared_locked(self, session_key: str, prompt_ids: list[int]) -> int:
-        """Make the session start with the registered content chunks its prompt starts with, when they cover
-        more of the prompt than its own stored tokens do; returns the tokens adopted (0: nothing changed)."""
-        shared = self.shared_prefix_locked(session_key, prompt_ids)
-        if not shared:
-            return 0
+        """Make the session start with the registered content chunks its prompt starts with, and a copy of the
+        part of the next one that matches the prompt, when they cover more of the prompt than its own stored
+        tokens do; returns the tokens adopted (0: nothing changed)."""
+        chunks, partial = self.shared_prefix_locked(session_key, prompt_ids)
+        covered = len(chunks) * self.chunk_tokens + partial
         entry = self.entries.get(session_key)
         own = common_prefix(entry.tokens, prompt_ids) if entry is not None else 0
-        if shared[-1].end <= own:
+        if covered <= own:
             return 0
         entry = self.entry_locked(session_key)
         keep = 0  # its leading chunks that are these very chunks stay
-        while keep < len(entry.chunks) and keep < len(shared) and entry.chunks[keep] is shared[keep]:
+        while keep < len(entry.chunks) and keep < len(chunks) and entry.chunks[keep] is chunks[keep]:
             keep += 1
         self.cut_locked(entry, keep * self.chunk_tokens)
-        for chunk in shared[keep:]:
+        for chunk in chunks[keep:]:
             chunk.owners.add(session_key)
             entry.chunks.append(chunk)
             entry.tokens.extend(prompt_ids[chunk.start:chunk.end])
+        adopted = (len(chunks) - keep) * self.chunk_tokens
+        self.counters["shared_chunks_adopted"] += len(chunks) - keep
+        if partial:
+            scope = scope_of(session_key)
+            assert scope is not None
+            family = self.children.get(_family(scope, (chunks[-1].digest or "") if chunks else ""), ())
+            start = len(chunks) * self.chunk_tokens
+            source = next((c for c in family if c.dram is not None and c.tokens
+                           and common_prefix(c.tokens, prompt_ids[start:start + partial]) == partial), None)
+            if source is not None and source.dram is not None and (
+                    self.dram_used + partial * self.token_bytes <= self.dram_bytes):
+                # Its own copy of the part that matches: the chunk goes on differently for this session.
+                own_chunk = Chunk(index=len(entry.chunks), start=start, n=partial,
+                                  dram=source.dram[:, :, :partial].clone(), owners={session_key})
+                self.dram_used += own_chunk.dram_bytes
+                entry.chunks.append(own_chunk)
+                entry.tokens.extend(prompt_ids[start:start + partial])
+                adopted += partial
+                self.counters["shared_tokens_copied"] += partial
         entry.last_used = time.time()
-        self.counters["shared_chunks_adopted"] += len(shared) - keep
-        return (len(shared) - keep) * self.chunk_tokens
+        return adopted
+
+    def register_locked(self, chunk: Chunk, digest: str, parent: str, scope: str, tokens: list[int]) -> None:
+        """``chunk`` is now the content chunk ``digest`` (whole, plain KV of ``tokens`` after ``parent``)."""
+        chunk.digest, chunk.parent, chunk.scope, chunk.tokens = digest, parent, scope, list(tokens)
+        self.content[digest] = chunk
+        self.children.setdefault(_family(scope, parent), set()).add(chunk)
 
     def seal_locked(self, entry: SessionEntry, chunk: Chunk) -> Chunk:
         """A chunk of ``entry`` just filled: register it as content if it is plain KV after content, or, if an
@@ -158,13 +207,13 @@ class SessionIndex:
         if (scope is None or chunk.digest is not None or chunk.n < self.chunk_tokens or parent is None
                 or (entry.private_from is not None and chunk.end > entry.private_from)):
             return chunk
-        digest = prompt_digests(scope, entry.tokens[:chunk.end], self.chunk_tokens)[-1]
+        tokens = entry.tokens[chunk.start:chunk.end]
+        digest = content_digest(scope, parent, tokens)
         same = self.content.get(digest)
         if same is None or not same.servable:
             if same is not None:
                 self.unregister_locked(same)
-            chunk.digest, chunk.parent = digest, parent
-            self.content[digest] = chunk
+            self.register_locked(chunk, digest, parent, scope, tokens)
             if chunk.ssd is not None:  # the file of its partial days: the content file replaces it
                 self.drop_ssd_locked(chunk)
             return chunk
@@ -344,6 +393,12 @@ class SessionIndex:
     def unregister_locked(self, chunk: Chunk) -> None:
         if chunk.digest is not None and self.content.get(chunk.digest) is chunk:
             del self.content[chunk.digest]
+            family = _family(chunk.scope, chunk.parent)
+            siblings = self.children.get(family)
+            if siblings is not None:
+                siblings.discard(chunk)
+                if not siblings:
+                    del self.children[family]
         chunk.digest = None
 
     def drop_chunk_locked(self, chunk: Chunk) -> None:

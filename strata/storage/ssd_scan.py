@@ -188,7 +188,8 @@ def _adopt_content(entry: SessionEntry, refs: list[str], files: dict[str, _File]
         chunk = result.content.get(digest)
         if chunk is None:
             n = header.num_tokens
-            chunk = Chunk(index=i, start=header.start, n=n, digest=digest, parent=parent,
+            chunk = Chunk(index=i, start=header.start, n=n, digest=digest, parent=parent, scope=scope,
+                          tokens=header.token_ids,
                           ssd=SsdCopy(path=file.path, nbytes=file.size, file_tokens=n, valid_tokens=n))
             result.content[digest] = chunk
             result.ssd_bytes += file.size
