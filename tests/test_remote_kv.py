@@ -241,6 +241,47 @@ def test_a_session_deleted_mid_turn_stays_deleted_on_every_server(shared: Shared
     assert _count(b, "deletions_applied") == applied + 1
 
 
+def test_a_shared_system_prompt_is_stored_once_and_reaches_new_sessions_on_other_servers(shared: Shared):
+    """Two sessions on a behind one long system prompt put its whole chunks in the store once (c:DIGEST keys);
+    a new session on b starts from them (imported, verified) and answers as a solo run; forged copies of
+    them are refused for their signature."""
+    system = " ".join(f"Policy {i}: reply about item {i} in one short sentence and cite clause {i * 5 % 23}."
+                      for i in range(40))  # about 700 tokens: two whole 256-token chunks
+
+    def first(i: int) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": TURNS[i]}]
+
+    def content_keys() -> set[bytes]:
+        return {k for k in shared.chunk_keys() if b":c:" in k}
+
+    a, b = shared.procs["a"], shared.procs["b"]
+    before = content_keys()
+    _turn(_client(a), first(0), "sys-0")
+    _uploaded(a)
+    after_one = content_keys() - before
+    assert len(after_one) >= 2
+    _turn(_client(a), first(1), "sys-1")
+    _uploaded(a)
+    assert len(content_keys() - before - after_one) <= 1  # at most its own last chunk: the shared ones once
+
+    # Tenant key-b's copies, forged (other KV, valid CRCs, unsigned): b refuses them and computes.
+    before_b = content_keys()
+    _turn(_client(a, "key-b"), first(0), "sys-b")
+    _uploaded(a)
+    for key in content_keys() - before_b:
+        sealed = shared.signer.open(key.decode(), shared.redis.get(key)).tobytes()
+        shared.redis.set(key, sealed[:CREATED] + _forge(sealed[CREATED:]))
+    refused = _count(b, "chunks_discarded_signature")
+    answer, cached, tier = _turn(_client(b, "key-b"), first(2), "sys-forged")
+    assert tier == "none" and cached < 32 and answer == _solo(shared, first(2)), (tier, cached)
+    assert _count(b, "chunks_discarded_signature") == refused + 1
+
+    # Tenant key-a's, genuine: a new session on b starts from them.
+    answer, cached, tier = _turn(_client(b), first(3), "sys-new")
+    assert tier == "remote" and cached >= 512, (tier, cached)
+    assert answer == _solo(shared, first(3))
+
+
 def test_without_the_password_nothing_is_read_or_written(shared: Shared, tmp_path: Path):
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not-the-password")

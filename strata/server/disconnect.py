@@ -101,8 +101,14 @@ class Guard:
                 queue.put_nowait(_END)
 
         task = self._start(produce())
-        # A done callback runs even for a task cancelled before its first step (whose finally never runs).
-        task.add_done_callback(lambda _: _keep(asyncio.ensure_future(source.aclose())))
+
+        def done(_: asyncio.Task[None]) -> None:
+            # Runs even for a task cancelled before its first step (a timeout that fired just before it
+            # started), whose finally never runs: the forwarder must still see the end.
+            queue.put_nowait(_END)
+            _keep(asyncio.ensure_future(source.aclose()))
+
+        task.add_done_callback(done)
         return self._forward(queue, task)
 
     async def _forward(self, queue: asyncio.Queue[Any], task: asyncio.Task[None]) -> AsyncIterator[Any]:
