@@ -57,6 +57,8 @@ MODULES = ("textwrap", "argparse", "json", "logging", "functools", "itertools", 
 OPENING = "Here is part of the documentation of a Python module.\n\n{doc}\n\nSummarize it in one sentence."
 QUESTIONS = ("And what does this part say?", "What is the main point of this?", "Explain this to a beginner:",
              "Which function or class does this describe?")
+# benchmarks/shared_prefix.py owns this part of docs/multiturn.md; a rewrite here keeps it.
+SHARED_BEGIN, SHARED_END = "<!-- shared-prefix:begin -->", "<!-- shared-prefix:end -->"
 
 
 def log(msg: str) -> None:
@@ -414,9 +416,17 @@ def main(argv: list[str] | None = None) -> int:
                 + "\n".join(f"- **{'met' if g.ok else 'missed'}**: {g.text}" for g in goals) + "\n")
         if plot(results, args.turns, PLOT):
             text += f"\n![median TTFT per turn]({PLOT.name})\n"
-        DOC.write_text(text)
+        DOC.write_text(text + kept_section(DOC.read_text() if DOC.exists() else ""))
         log(f"wrote {DOC.relative_to(REPO)} and {PLOT.relative_to(REPO)}")
     return 0
+
+
+def kept_section(old: str) -> str:
+    """The shared-prefix section of the doc being replaced (markers included), to append to the new text."""
+    begin, end = old.find(SHARED_BEGIN), old.find(SHARED_END)
+    if begin < 0 or end < begin:
+        return ""
+    return "\n" + old[begin:end + len(SHARED_END)] + "\n"
 
 
 def device() -> str:

@@ -45,14 +45,7 @@ class Server:
         raise RuntimeError("server did not become healthy in 300 s")
 
     def metrics(self) -> dict[str, float]:
-        """Prometheus samples as {'name{labels}': value} (histogram buckets dropped)."""
-        out: dict[str, float] = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            if line.startswith("#") or "_bucket{" in line or not line.strip():
-                continue
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-        return out
+        return scrape_metrics(self.url)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -62,3 +55,14 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """A server's Prometheus samples as {'name{labels}': value} (histogram buckets dropped)."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("#") or "_bucket{" in line or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        out[name] = float(value)
+    return out

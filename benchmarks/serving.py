@@ -222,8 +222,9 @@ class Launch:
         return shlex.join([*(f"{k}={v}" for k, v in self.env.items()), *self.cmd])
 
 
-def launch(c: Contender, m: Model, port: int, regime: str, dtype: str) -> Launch:
-    """The exact server command of one contender; regime 'tight' shrinks the device pool to ~11.5k tokens."""
+def launch(c: Contender, m: Model, port: int, regime: str, dtype: str, extra_args: list[str] | None = None) -> Launch:
+    """The exact server command of one contender; regime 'tight' shrinks the device pool to ~11.5k tokens;
+    extra_args go at the end of strata's command (e.g. an SSD tier)."""
     dtype_bytes = 2 if dtype == "bfloat16" else 4
     if c.kind == "strata":
         cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "strata", "serve", "--model", str(m.gguf),
@@ -232,7 +233,7 @@ def launch(c: Contender, m: Model, port: int, regime: str, dtype: str) -> Launch
             cmd += ["--quantization", c.quantization]
         if regime == "tight":
             cmd += ["--kv-cache-gb", str(strata_kv_gb(m.directory, TIGHT_TOKENS, dtype_bytes))]
-        return Launch(cmd, {})
+        return Launch([*cmd, *(extra_args or [])], {})
     if c.kind == "llama":
         return Launch(llama_cpp.server_cmd(m.llama_files[c.gguf], port, slots=LLAMA_SLOTS), {})
     cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(m.directory),
@@ -252,10 +253,11 @@ def launch(c: Contender, m: Model, port: int, regime: str, dtype: str) -> Launch
 class ServerProc:
     """A server in its own process group (vLLM forks an engine core), its output in a log file."""
 
-    def __init__(self, c: Contender, m: Model, regime: str, dtype: str, logfile: Path) -> None:
+    def __init__(self, c: Contender, m: Model, regime: str, dtype: str, logfile: Path,
+                 extra_args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.launch = launch(c, m, self.port, regime, dtype)
+        self.launch = launch(c, m, self.port, regime, dtype, extra_args)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         log(f"{c.name}: starting ({regime}); log {logfile.relative_to(REPO)}")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.launch.env}
@@ -362,9 +364,11 @@ class MultiTurnResult:
 
 
 def drive_multiturn(base_url: str, model_name: str, texts: list[list[str]], think: float, max_tokens: int,
-                    label: str, note: Callable[[str], None] = log) -> MultiTurnResult:
+                    label: str, note: Callable[[str], None] = log, *, system: str = multiturn.SYSTEM,
+                    on_turn: Callable[[multiturn.Turn, dict[str, str]], None] | None = None) -> MultiTurnResult:
     """multiturn.py's client load against any OpenAI-compatible base URL: one thread per session, the same
-    seeded think times and staggered starts as multiturn.run_mode, each turn through multiturn.chat_turn."""
+    seeded think times and staggered starts as multiturn.run_mode, each turn through multiturn.chat_turn.
+    system: every session's system prompt; on_turn: sees each turn with its response headers."""
     res = MultiTurnResult()
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=900)
     run_id = f"{label}-{os.getpid()}-{int(time.time())}"
@@ -375,14 +379,17 @@ def drive_multiturn(base_url: str, model_name: str, texts: list[list[str]], thin
     def session(s: int) -> None:
         rng = random.Random(1000 + s)
         time.sleep(s * think / 2)
-        history = [{"role": "system", "content": multiturn.SYSTEM}]
+        history = [{"role": "system", "content": system}]
         for t, text in enumerate(texts[s], 1):
             msgs = [*history, {"role": "user", "content": text}]
-            ttft, total, answer, _headers, ptoks, cached = multiturn.chat_turn(
+            ttft, total, answer, headers, ptoks, cached = multiturn.chat_turn(
                 client, model_name, f"{run_id}-s{s}", msgs, max_tokens)
             history = [*msgs, {"role": "assistant", "content": answer}]
+            turn = multiturn.Turn(s, t, ttft, total, ptoks, cached, headers.get("x-cache-tier", "n/a"))
+            if on_turn is not None:
+                on_turn(turn, headers)
             with lock:
-                res.turns.append(multiturn.Turn(s, t, ttft, total, ptoks, cached, "n/a"))
+                res.turns.append(turn)
                 done[t] = done.get(t, 0) + 1
                 if done[t] == len(texts):
                     rows = [r for r in res.turns if r.turn == t]
