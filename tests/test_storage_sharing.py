@@ -193,3 +193,18 @@ def test_a_forged_manifest_reaches_nothing(tmp_path):
     store = make_store(make_pool(), tmp_path)
     assert not manifest.exists() and store.stats()["chunks_discarded_checksum"] >= 1
     store.close()
+
+
+def test_a_new_session_copies_from_another_sessions_growing_tail(tmp_path):
+    """The system prompt ends inside a chunk no session has filled yet: a new session copies that part from
+    the tail of a session that holds it."""
+    store = make_store(make_pool(), tmp_path)
+    system = SYSTEM[:2 * CHUNK + 25]
+    ids = system + toks(3, 60_000)  # 2 whole chunks, then a partial one (28 tokens)
+    kv = torch.cat([PREFIX_KV[:, :, :len(system)], kv_for(3, 7)], dim=2)
+    save(store, "t/a", ids, kv)
+    prompt = system + toks(10, 61_000)
+    prepare(store, "t/new", prompt)
+    assert store.lookup("t/new", prompt).tokens == len(system)
+    assert torch.equal(load_kv(store, "t/new", len(system), prompt), PREFIX_KV[:, :, :len(system)])
+    store.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -129,11 +130,23 @@ class SessionIndex:
             chunks.append(chunk)
         start = len(chunks) * self.chunk_tokens
         rest = ids[start:start + self.chunk_tokens]
-        best = 0
-        for child in self.children.get(_family(scope, (chunks[-1].digest or "") if chunks else ""), ()):
-            if child.dram is not None and child.tokens and child.servable:
-                best = max(best, common_prefix(child.tokens, rest))
+        best = max((common_prefix(tokens, rest) for _, tokens in self._next_chunks_locked(scope, chunks)), default=0)
         return chunks, (best if best >= MIN_PARTIAL_TOKENS else 0)
+
+    def _next_chunks_locked(self, scope: str, chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[int]]]:
+        """Chunks in DRAM that follow ``chunks`` (content chunks of a tenant) in some session of that tenant,
+        with their tokens: registered content chunks, and sessions' own growing tails (plain model KV)."""
+        for child in self.children.get(_family(scope, (chunks[-1].digest or "") if chunks else ""), ()):
+            if child.dram is not None and child.tokens:
+                yield child, child.tokens
+        at = len(chunks)
+        for key, entry in self.entries.items():
+            if len(entry.chunks) <= at or scope_of(key) != scope or (at and entry.chunks[at - 1] is not chunks[-1]):
+                continue
+            tail = entry.chunks[at]
+            if tail.digest is None and tail.dram is not None and (
+                    entry.private_from is None or entry.private_from >= tail.end):
+                yield tail, entry.tokens[tail.start:tail.end]
 
     def adoptable(self, session_key: str, prompt_ids: list[int]) -> bool:
         """Whether content chunks would cover more of the prompt than the session's own stored tokens."""
@@ -175,10 +188,9 @@ class SessionIndex:
         if partial:
             scope = scope_of(session_key)
             assert scope is not None
-            family = self.children.get(_family(scope, (chunks[-1].digest or "") if chunks else ""), ())
             start = len(chunks) * self.chunk_tokens
-            source = next((c for c in family if c.dram is not None and c.tokens
-                           and common_prefix(c.tokens, prompt_ids[start:start + partial]) == partial), None)
+            source = next((c for c, tokens in self._next_chunks_locked(scope, chunks)
+                           if common_prefix(tokens, prompt_ids[start:start + partial]) == partial), None)
             if source is not None and source.dram is not None and (
                     self.dram_used + partial * self.token_bytes <= self.dram_bytes):
                 # Its own copy of the part that matches: the chunk goes on differently for this session.
