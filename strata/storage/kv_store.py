@@ -272,8 +272,11 @@ class KVStore:
         """Start the session with the stored content chunks its prompt starts with, if they cover more of it
         than its own history; after its pending saves. Returns the tokens adopted (the preparer's thread)."""
         self._check_open()
-        if not self.index.adoptable(session_key, prompt_ids) and not self.saver.busy:
-            return 0  # (saves still queued may register the chunks: then it is asked again behind them)
+        if not self.index.adoptable(session_key, prompt_ids) and (self.index.holds(session_key)
+                                                                  or not self.saver.busy):
+            # A new session asks again behind the queued saves, which may register the chunks it needs (the
+            # previous conversation's); a session with history of its own does not wait for them.
+            return 0
 
         def adopt() -> int:
             with self.index.lock:

@@ -156,6 +156,12 @@ class SessionIndex:
             own = common_prefix(entry.tokens, prompt_ids) if entry else 0
             return len(chunks) * self.chunk_tokens + partial > own
 
+    def holds(self, session_key: str) -> bool:
+        """Whether the session has stored tokens of its own."""
+        with self.lock:
+            entry = self.entries.get(session_key)
+            return entry is not None and bool(entry.tokens)
+
     def shared_tokens(self, session_key: str, num_tokens: int) -> int:
         """Of the session's first ``num_tokens`` stored tokens, those in chunks other sessions share."""
         with self.lock:
