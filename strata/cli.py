@@ -134,6 +134,13 @@ def serve(args: argparse.Namespace) -> None:
                              "listings): use --remote-kv-password-file or STRATA_REMOTE_KV_PASSWORD")
         if remote_password is None:
             logging.getLogger("strata").warning("the shared KV tier is reached without a password")
+    from strata.engine.models.registry import UnsupportedModel
+    from strata.engine.weights.model_files import check_supported
+
+    try:
+        check_supported(args.model)
+    except UnsupportedModel as e:
+        raise SystemExit(f"strata serve: {e}") from None
     from strata.engine.config import EngineConfig
     from strata.server.app import build_app
     from strata.server.http_server import run_http

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,6 +52,7 @@ from strata.server.state import ServerSettings, ServerState
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=BaseModel)
 OPEN_PATHS = {"/health", "/metrics", "/version"}
+EXIT_MODEL_LOAD_FAILED = 3
 OFF_LOOP_BODY = 64 * 2**10  # bodies larger than this are parsed and validated off the event loop
 
 
@@ -64,6 +66,10 @@ def _load_engine(state: ServerState) -> None:
     except Exception as e:
         log.exception("loading the model failed")
         state.load_error = f"loading the model failed: {e}"
+        # A server that cannot load its model never will: exit non-zero so the supervisor sees it (rather
+        # than answering /health 503 forever).
+        logging.shutdown()
+        os._exit(EXIT_MODEL_LOAD_FAILED)
 
 
 async def read_body(request: Request, model: type[B], limit: int) -> B:

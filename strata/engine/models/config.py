@@ -1,4 +1,4 @@
-"""The model shape strata needs, read from a Hugging Face config.json."""
+"""The model shape strata needs, read from a Hugging Face config.json (its family: registry.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from strata.engine.models.registry import family_of_config
 
 
 @dataclass(frozen=True)
@@ -25,14 +27,17 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    family: str = "llama"
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        family = family_of_config(cfg)  # UnsupportedModel for anything strata does not serve
         # Qwen2-style checkpoints carry q/k/v biases without saying attention_bias.
-        bias = bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2"
+        bias = bool(cfg.get("attention_bias", False)) or family.attention_bias
         # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`.
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
@@ -53,6 +58,8 @@ class ModelConfig:
             rope_scaling=scaling,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            family=family.name,
+            qk_norm=family.qk_norm,
         )
 
     @classmethod

@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2-style biases) over a paged KV cache.
+"""The Llama family (Llama 2/3, SmolLM, Mistral; Qwen2's biases and Qwen3's q/k norms, see registry.py) over
+a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one [T, hidden] batch:
 projections and MLPs run once on all rows, attention runs per prefill slice
@@ -47,6 +48,9 @@ class LlamaLayer:
         self.down = Linear(w[m + "down_proj.weight"])
         self.attn_norm = w.tensor(prefix + "input_layernorm.weight")
         self.mlp_norm = w.tensor(prefix + "post_attention_layernorm.weight")
+        # Qwen3: each head's q and k are RMS-normalized (over head_dim) before RoPE.
+        self.q_norm = w.tensor(a + "q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = w.tensor(a + "k_norm.weight") if cfg.qk_norm else None
 
 
 class LlamaModel:
@@ -186,6 +190,14 @@ class LlamaModel:
                 scale[skipped] = float("nan")
         return stats
 
+    def _qk_norm(self, qkv: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
+        assert layer.q_norm is not None and layer.k_norm is not None
+        t, d, eps = qkv.shape[0], self.cfg.head_dim, self.cfg.rms_norm_eps
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rms_norm(q.reshape(-1, d), layer.q_norm, eps).view(t, self.q_size)
+        k = rms_norm(k.reshape(-1, d), layer.k_norm, eps).view(t, self.kv_size)
+        return torch.cat([q, k, v], dim=-1)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float().cpu()  # sampling runs on the host (a no-op on CPU)
 
@@ -201,8 +213,10 @@ class LlamaModel:
         k_cache, v_cache = kv
         t = h.shape[0]
         slots = batch.layer_slots[index]
-        q = rotary_store_kv(layer.qkv(h), self.cos_sin, positions, slots, k_cache, v_cache,
-                            self.cfg.num_attention_heads)
+        qkv = layer.qkv(h)
+        if layer.q_norm is not None:
+            qkv = self._qk_norm(qkv, layer)
+        q = rotary_store_kv(qkv, self.cos_sin, positions, slots, k_cache, v_cache, self.cfg.num_attention_heads)
         if batch.decode_only:
             out = paged_decode_attention(q, k_cache, v_cache, batch.layer_block_tables[index],
                                          batch.decode_context_lens, self.scale)

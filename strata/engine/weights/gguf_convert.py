@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from strata.engine.models.registry import family_of_gguf
+
 log = logging.getLogger(__name__)
 
 _LAYER_NAMES = {
@@ -30,6 +32,8 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
 }
 _GLOBAL_NAMES = {
@@ -62,16 +66,15 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_config(reader: Any) -> dict[str, Any]:
     arch = gguf_field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unsupported GGUF architecture {arch!r}: strata serves the Llama family")
+    family = family_of_gguf(arch)  # UnsupportedModel for anything strata does not serve
     p = f"{arch}."
     heads = int(gguf_field(reader, p + "attention.head_count"))
     hidden = int(gguf_field(reader, p + "embedding_length"))
     names = {t.name for t in reader.tensors}
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architectures[family.gguf.index(arch)]],
+        "model_type": family.model_types[family.gguf.index(arch)],
         "vocab_size": int(gguf_field(reader, p + "vocab_size", len(tokens) if tokens else 0)),
         "hidden_size": hidden,
         "intermediate_size": int(gguf_field(reader, p + "feed_forward_length")),
@@ -114,10 +117,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, marker: dict[str, str]) -> None
             continue
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape)])
-        # llama.cpp permutes q/k of llama models only; qwen2 keeps the HF layout.
-        if arch != "qwen2" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+        # llama.cpp permutes q/k of llama-arch models only; qwen2 and qwen3 keep the HF layout.
+        if arch in ("llama", "mistral") and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute(w, cfg["num_attention_heads"])
-        elif arch != "qwen2" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+        elif arch in ("llama", "mistral") and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute(w, cfg["num_key_value_heads"])
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
     save_file(tensors, str(tmp / "model.safetensors"))

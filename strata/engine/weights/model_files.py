@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from strata.engine.models.registry import family_of_config, family_of_gguf
 from strata.engine.weights.gguf_convert import convert_gguf
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,23 @@ def _dir_digest(directory: Path) -> str:
         with f.open("rb") as fh:
             h.update(fh.read(1 << 16))
     return h.hexdigest()
+
+
+def check_supported(model: str) -> None:
+    """Raise UnsupportedModel (naming the architecture and the supported list) for a checkpoint of a family
+    strata does not serve; reads only config.json or the GGUF header. `default` and missing paths pass (the
+    load reports those)."""
+    path = Path(model).expanduser()
+    if model == "default" or not path.exists():
+        return
+    if path.is_dir() and (path / "config.json").exists():
+        family_of_config(json.loads((path / "config.json").read_text()))
+    elif path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        from strata.engine.weights.gguf_convert import gguf_field
+
+        family_of_gguf(gguf_field(GGUFReader(str(path)), "general.architecture"))
 
 
 def resolve_model(model: str) -> ModelFiles:

@@ -1,0 +1,68 @@
+"""Which model families strata serves, and how a checkpoint is told to be one of them.
+
+A family is a short description of how it differs from the Llama layer (``LlamaModel`` reads it from its
+ModelConfig): today the Llama family itself (Llama 2/3.x, SmolLM/SmolLM2, Mistral without a sliding window),
+Qwen2 (q/k/v biases) and Qwen3 (an RMSNorm on each head's q and k before RoPE, an explicit head_dim).
+The architecture comes from config.json (``architectures``, else ``model_type``) or a GGUF file's
+``general.architecture``; anything else is refused before the server starts, with a message that names it
+and the supported list (see docs/models.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class UnsupportedModel(ValueError):
+    """A checkpoint of a family strata does not serve (or a feature of one it does not implement yet)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]  # config.json "architectures"
+    model_types: tuple[str, ...]  # config.json "model_type"
+    gguf: tuple[str, ...]  # GGUF "general.architecture"
+    attention_bias: bool = False  # q/k/v projections carry biases (whatever the config says)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
+
+
+FAMILIES = (
+    Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), ("llama", "mistral"), ("llama", "mistral")),
+    Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), ("qwen2",), attention_bias=True),
+    Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), ("qwen3",), qk_norm=True),
+)
+
+
+def supported() -> str:
+    return ", ".join(a for f in FAMILIES for a in f.architectures)
+
+
+def family_of_config(cfg: dict[str, Any]) -> Family:
+    """The family of a Hugging Face config.json; UnsupportedModel when strata does not serve it."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    for family in FAMILIES:
+        if any(a in family.architectures for a in archs) or (not archs and model_type in family.model_types):
+            _check_features(family, cfg)
+            return family
+    named = ", ".join(archs) or (f"model_type {model_type!r}" if model_type else "no architecture at all")
+    raise UnsupportedModel(f"unsupported model architecture: {named}. strata serves: {supported()}")
+
+
+def family_of_gguf(arch: str | None) -> Family:
+    for family in FAMILIES:
+        if arch in family.gguf:
+            return family
+    raise UnsupportedModel(f"unsupported GGUF architecture {arch!r}. strata serves: "
+                           f"{', '.join(g for f in FAMILIES for g in f.gguf)}")
+
+
+def _check_features(family: Family, cfg: dict[str, Any]) -> None:
+    """Refuse what a known family's checkpoint asks for that is not implemented (never serve it silently)."""
+    window = cfg.get("sliding_window")
+    if window and cfg.get("use_sliding_window", True) and window < int(cfg.get("max_position_embeddings", 0)):
+        raise UnsupportedModel(f"{family.name}: sliding-window attention (window {window}) is not supported yet")
+    if cfg.get("no_rope_layers") or cfg.get("no_rope_layer_interval"):
+        raise UnsupportedModel(f"{family.name}: layers without RoPE are not supported yet")

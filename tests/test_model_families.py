@@ -1,0 +1,128 @@
+"""Model families beyond Llama, each against transformers on the same random weights, and the refusal of what
+strata does not serve. Random-weight models of each family's real shape (explicit head_dim, q/k norms), saved
+as Hugging Face directories with the default model's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from strata.engine.models.llama import LlamaModel
+from strata.engine.models.registry import UnsupportedModel, family_of_config
+from strata.engine.weights.quality import log_probs
+from tests.conftest import ServerProcess
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def qwen3_dir(root: Path, model_files) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # not hidden / heads
+                      max_position_embeddings=4096, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # visible q/k norms: ones would hide a missing one
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    out = root / "qwen3-random"
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (model_files.directory / name).exists():
+            shutil.copy(model_files.directory / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory, model_files) -> Path:
+    return qwen3_dir(tmp_path_factory.mktemp("families"), model_files)
+
+
+def test_qwen3_logits_match_transformers(qwen3):
+    from transformers import AutoModelForCausalLM
+
+    ids = [int(t) for t in torch.randint(3, 49152, (300,), generator=torch.Generator().manual_seed(1))]
+    ref = AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
+    model = LlamaModel.load(qwen3, torch.float32, "cpu")
+    assert model.cfg.family == "qwen3" and model.cfg.qk_norm and model.cfg.head_dim == 32
+    got = log_probs(model, ids)
+    err = (got - want).abs().max().item()
+    assert err < 1e-3, f"max |log-prob difference| {err}"  # float32, 300 positions, 3 layers
+
+
+def test_qwen3_greedy_through_the_server_equals_transformers_generate(qwen3, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32).eval()
+    prompt = list(range(100, 160))
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    want = out[0, len(prompt):].tolist()
+    srv = ServerProcess("--model", str(qwen3), "--kv-cache-gb", "0.05", log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=24, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 24
+        assert r.choices[0].text == ref_text(qwen3, want)
+    finally:
+        srv.stop()
+
+
+def ref_text(model_dir: Path, ids: list[int]) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("config", [
+    {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
+    {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
+    {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,
+     "max_position_embeddings": 32768},
+    {"model_type": "mamba"},
+])
+def test_unsupported_architectures_are_refused_by_name(config):
+    with pytest.raises(UnsupportedModel) as e:
+        family_of_config(config)
+    message = str(e.value)
+    assert "LlamaForCausalLM" in message or "sliding" in message
+    for arch in config.get("architectures", []):
+        if "sliding_window" not in config:
+            assert arch in message
+
+
+def test_the_server_refuses_an_unsupported_directory_and_exits_non_zero(tmp_path, qwen3):
+    bad = tmp_path / "gemma"
+    shutil.copytree(qwen3, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma3ForCausalLM"],
+                                                 "model_type": "gemma3_text"}))
+    r = subprocess.run([sys.executable, "-m", "strata", "serve", "--model", str(bad), "--port", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Gemma3ForCausalLM" in r.stderr and "Qwen3ForCausalLM" in r.stderr
+
+
+def test_a_failed_model_load_exits_non_zero(tmp_path, qwen3):
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen3, broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    srv = ServerProcess("--model", str(broken), "--kv-cache-gb", "0.05", log=tmp_path / "server.log")
+    assert srv.proc.wait(120) != 0
+    assert "loading the model failed" in srv.log_tail()
