@@ -27,6 +27,7 @@ def qwen3_dir(root: Path, model_files) -> Path:
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      initializer_range=0.1,  # sharp enough that a missing piece shows in the logits
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # not hidden / heads
                       max_position_embeddings=4096, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
@@ -46,6 +47,51 @@ def qwen3_dir(root: Path, model_files) -> Path:
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory, model_files) -> Path:
     return qwen3_dir(tmp_path_factory.mktemp("families"), model_files)
+
+
+def random_dir(root: Path, model_files, name: str) -> Path:
+    """A random model of another family's real shape, saved as a Hugging Face directory."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=160, num_attention_heads=4, initializer_range=0.1,
+                  num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+                  eos_token_id=2)
+    if name == "smollm3":  # no RoPE on every fourth layer
+        cfg = transformers.SmolLM3Config(**common, num_hidden_layers=4, max_position_embeddings=4096, pad_token_id=0,
+                                         rope_theta=50_000.0)
+        model = transformers.SmolLM3ForCausalLM(cfg)
+    else:  # Llama 3.x: llama3 rope scaling (it must be applied, not only parsed)
+        cfg = transformers.LlamaConfig(**common, num_hidden_layers=3, max_position_embeddings=8192,
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0,
+                                                        "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 256})
+        model = transformers.LlamaForCausalLM(cfg)
+    out = root / name
+    model.eval().save_pretrained(out)
+    for f in TOKENIZER_FILES:
+        if (model_files.directory / f).exists():
+            shutil.copy(model_files.directory / f, out / f)
+    return out
+
+
+@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled"])
+def test_other_families_logits_match_transformers(tmp_path, model_files, name):
+    from transformers import AutoModelForCausalLM
+
+    directory = random_dir(tmp_path, model_files, name)
+    ids = [int(t) for t in torch.randint(3, 49152, (600,), generator=torch.Generator().manual_seed(2))]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
+    model = LlamaModel.load(directory, torch.float32, "cpu")
+    if name == "smollm3":
+        assert model.cfg.rope_layers == (True, True, True, False)
+    else:
+        assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling["rope_type"] == "llama3"
+    err = (log_probs(model, ids) - want).abs().max().item()
+    assert err < 1e-3, f"max |log-prob difference| {err}"
 
 
 def test_qwen3_logits_match_transformers(qwen3):

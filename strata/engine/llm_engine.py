@@ -116,7 +116,9 @@ class LLMEngine:
             policy=config.eviction_policy,
             ttl_s=config.session_ttl_s,
             chunk_tokens=config.kv_chunk_tokens,
-            rope_inv_freq=self.model.inv_freq,
+            # Stored keys are re-rotated when a truncation moves them; with layers that apply no RoPE (SmolLM3)
+            # one rotation does not fit all layers, so a truncated session is recomputed instead.
+            rope_inv_freq=self.model.inv_freq if self.model.cfg.rope_layers is None else None,
             remote=self._remote,
             signer=self._signer,
             delays=self.faults.storage_delays(),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strata.engine.models.registry import family_of_config
+from strata.engine.models.registry import family_of_config, rope_layers
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     family: str = "llama"
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    rope_layers: tuple[bool, ...] | None = None  # SmolLM3: per layer, whether it applies RoPE (None: all)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -60,6 +61,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             family=family.name,
             qk_norm=family.qk_norm,
+            rope_layers=rope_layers(family, cfg),
         )
 
     @classmethod

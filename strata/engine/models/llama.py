@@ -65,6 +65,9 @@ class LlamaModel:
         self.layers = [LlamaLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype).to(self.device)
+        # A layer without RoPE (SmolLM3) goes through the same fused kernel with the identity rotation.
+        self.cos_sin_none = (torch.stack([torch.ones_like(self.cos_sin[:, 0]), torch.zeros_like(self.cos_sin[:, 1])],
+                                         dim=1) if cfg.rope_layers is not None else None)
         self.scale = cfg.head_dim**-0.5
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
@@ -216,7 +219,10 @@ class LlamaModel:
         qkv = layer.qkv(h)
         if layer.q_norm is not None:
             qkv = self._qk_norm(qkv, layer)
-        q = rotary_store_kv(qkv, self.cos_sin, positions, slots, k_cache, v_cache, self.cfg.num_attention_heads)
+        rope = self.cfg.rope_layers
+        cos_sin = self.cos_sin if rope is None or rope[index] else self.cos_sin_none
+        assert cos_sin is not None
+        q = rotary_store_kv(qkv, cos_sin, positions, slots, k_cache, v_cache, self.cfg.num_attention_heads)
         if batch.decode_only:
             out = paged_decode_attention(q, k_cache, v_cache, batch.layer_block_tables[index],
                                          batch.decode_context_lens, self.scale)

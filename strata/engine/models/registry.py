@@ -1,8 +1,9 @@
 """Which model families strata serves, and how a checkpoint is told to be one of them.
 
 A family is a short description of how it differs from the Llama layer (``LlamaModel`` reads it from its
-ModelConfig): today the Llama family itself (Llama 2/3.x, SmolLM/SmolLM2, Mistral without a sliding window),
-Qwen2 (q/k/v biases) and Qwen3 (an RMSNorm on each head's q and k before RoPE, an explicit head_dim).
+ModelConfig): today the Llama family itself (Llama 2/3.x with their rope scaling, SmolLM/SmolLM2, Mistral
+without a sliding window), Qwen2 (q/k/v biases), Qwen3 (an RMSNorm on each head's q and k before RoPE, an
+explicit head_dim) and SmolLM3 (no RoPE on every fourth layer).
 The architecture comes from config.json (``architectures``, else ``model_type``) or a GGUF file's
 ``general.architecture``; anything else is refused before the server starts, with a message that names it
 and the supported list (see docs/models.md).
@@ -26,12 +27,14 @@ class Family:
     gguf: tuple[str, ...]  # GGUF "general.architecture"
     attention_bias: bool = False  # q/k/v projections carry biases (whatever the config says)
     qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
+    nope_layers: bool = False  # some layers apply no RoPE (config no_rope_layers / no_rope_layer_interval)
 
 
 FAMILIES = (
     Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), ("llama", "mistral"), ("llama", "mistral")),
     Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), ("qwen2",), attention_bias=True),
     Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), ("qwen3",), qk_norm=True),
+    Family("smollm3", ("SmolLM3ForCausalLM",), ("smollm3",), (), nope_layers=True),
 )
 
 
@@ -64,5 +67,20 @@ def _check_features(family: Family, cfg: dict[str, Any]) -> None:
     window = cfg.get("sliding_window")
     if window and cfg.get("use_sliding_window", True) and window < int(cfg.get("max_position_embeddings", 0)):
         raise UnsupportedModel(f"{family.name}: sliding-window attention (window {window}) is not supported yet")
-    if cfg.get("no_rope_layers") or cfg.get("no_rope_layer_interval"):
-        raise UnsupportedModel(f"{family.name}: layers without RoPE are not supported yet")
+    if (cfg.get("no_rope_layers") or cfg.get("no_rope_layer_interval")) and not family.nope_layers:
+        raise UnsupportedModel(f"{family.name}: layers without RoPE are not supported for this family")
+
+
+def rope_layers(family: Family, cfg: dict[str, Any]) -> tuple[bool, ...] | None:
+    """Per layer, whether it applies RoPE (None: every layer does). SmolLM3: no_rope_layers[i] is 1 where
+    layer i uses RoPE; without it, every ``no_rope_layer_interval``-th layer (4) goes without."""
+    if not family.nope_layers:
+        return None
+    n = int(cfg["num_hidden_layers"])
+    flags = cfg.get("no_rope_layers")
+    if not flags:
+        interval = int(cfg.get("no_rope_layer_interval") or 4)
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if len(flags) != n:
+        raise UnsupportedModel(f"{family.name}: no_rope_layers has {len(flags)} entries for {n} layers")
+    return tuple(bool(f) for f in flags)
