@@ -61,6 +61,14 @@ def random_dir(root: Path, model_files, name: str) -> Path:
         cfg = transformers.SmolLM3Config(**common, num_hidden_layers=4, max_position_embeddings=4096, pad_token_id=0,
                                          rope_theta=50_000.0)
         model = transformers.SmolLM3ForCausalLM(cfg)
+    elif name == "qwen2":  # q/k/v biases
+        cfg = transformers.Qwen2Config(**common, num_hidden_layers=3, max_position_embeddings=4096,
+                                       rope_theta=1_000_000.0)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # visible biases: zeros would hide a missing one
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.uniform_(-0.5, 0.5)
     else:  # Llama 3.x: llama3 rope scaling (it must be applied, not only parsed)
         cfg = transformers.LlamaConfig(**common, num_hidden_layers=3, max_position_embeddings=8192,
                                        rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0,
@@ -76,7 +84,7 @@ def random_dir(root: Path, model_files, name: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled"])
+@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled", "qwen2"])
 def test_other_families_logits_match_transformers(tmp_path, model_files, name):
     from transformers import AutoModelForCausalLM
 
@@ -88,6 +96,8 @@ def test_other_families_logits_match_transformers(tmp_path, model_files, name):
     model = LlamaModel.load(directory, torch.float32, "cpu")
     if name == "smollm3":
         assert model.cfg.rope_layers == (True, True, True, False)
+    elif name == "qwen2":
+        assert model.cfg.attention_bias
     else:
         assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling["rope_type"] == "llama3"
     err = (log_probs(model, ids) - want).abs().max().item()
