@@ -61,6 +61,10 @@ def random_dir(root: Path, model_files, name: str) -> Path:
         cfg = transformers.SmolLM3Config(**common, num_hidden_layers=4, max_position_embeddings=4096, pad_token_id=0,
                                          rope_theta=50_000.0)
         model = transformers.SmolLM3ForCausalLM(cfg)
+    elif name == "mistral-swa":  # a sliding window (64) far shorter than the prompts
+        cfg = transformers.MistralConfig(**common, num_hidden_layers=3, max_position_embeddings=4096,
+                                         sliding_window=64, head_dim=16)
+        model = transformers.MistralForCausalLM(cfg)
     elif name == "qwen2":  # q/k/v biases
         cfg = transformers.Qwen2Config(**common, num_hidden_layers=3, max_position_embeddings=4096,
                                        rope_theta=1_000_000.0)
@@ -84,7 +88,7 @@ def random_dir(root: Path, model_files, name: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled", "qwen2"])
+@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled", "qwen2", "mistral-swa"])
 def test_other_families_logits_match_transformers(tmp_path, model_files, name):
     from transformers import AutoModelForCausalLM
 
@@ -98,6 +102,8 @@ def test_other_families_logits_match_transformers(tmp_path, model_files, name):
         assert model.cfg.rope_layers == (True, True, True, False)
     elif name == "qwen2":
         assert model.cfg.attention_bias
+    elif name == "mistral-swa":
+        assert model.cfg.layer_windows == (64, 64, 64)
     else:
         assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling["rope_type"] == "llama3"
     err = (log_probs(model, ids) - want).abs().max().item()
@@ -139,6 +145,29 @@ def test_qwen3_greedy_through_the_server_equals_transformers_generate(qwen3, tmp
         srv.stop()
 
 
+def test_sliding_window_greedy_through_the_server_equals_transformers_generate(tmp_path, model_files):
+    """Prompt and generation well past the window: prefill with history and decode both read only it."""
+    from transformers import AutoModelForCausalLM
+
+    directory = random_dir(tmp_path, model_files, "mistral-swa")
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    prompt = [int(t) for t in torch.randint(3, 49152, (150,), generator=torch.Generator().manual_seed(3))]
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    want = out[0, len(prompt):].tolist()
+    srv = ServerProcess("--model", str(directory), "--kv-cache-gb", "0.05", "--max-num-batched-tokens", "64",
+                        log=tmp_path / "server.log")  # prefill in chunks: the later ones attend to history
+    try:
+        srv.wait_ready()
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model=c.models.list().data[0].id, prompt=prompt, max_tokens=40, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ref_text(directory, want)
+    finally:
+        srv.stop()
+
+
 def ref_text(model_dir: Path, ids: list[int]) -> str:
     from transformers import AutoTokenizer
 
@@ -148,8 +177,8 @@ def ref_text(model_dir: Path, ids: list[int]) -> str:
 @pytest.mark.parametrize("config", [
     {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
     {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
-    {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,
-     "max_position_embeddings": 32768},
+    {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True,
+     "max_position_embeddings": 32768, "num_hidden_layers": 2},
     {"model_type": "mamba"},
 ])
 def test_unsupported_architectures_are_refused_by_name(config):

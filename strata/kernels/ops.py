@@ -77,8 +77,16 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """One query per sequence over its cached context: q [B, heads, d] -> [B, heads, d] (into `out` if given)."""
+    """One query per sequence over its cached context: q [B, heads, d] -> [B, heads, d] (into `out` if given).
+
+    ``window`` (a sliding-window layer: only its last ``window`` tokens) runs the PyTorch reference, which
+    reads only the window; the fused kernels attend to the whole context."""
+    if window is not None:
+        result = paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                        window)
+        return result if out is None else out.copy_(result)
     if (cpu := _cpu(q)) is not None:
         q = q.contiguous()
         result = out if out is not None and out.is_contiguous() else torch.empty_like(q)
@@ -97,10 +105,12 @@ def paged_decode_attention(
     return out
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of n new queries over S = history + n keys (bottom-right aligned)."""
-    if not q.is_cuda:
-        return paged_attention.prefill_attention(q, k, v, scale)
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      window: int | None = None) -> torch.Tensor:
+    """Causal attention of n new queries over S = history + n keys (bottom-right aligned); ``window``: only
+    the last ``window`` keys up to each query (a sliding-window layer)."""
+    if not q.is_cuda or window is not None:
+        return paged_attention.prefill_attention(q, k, v, scale, window)
     return prefill_gpu.prefill_attention(q, k, v, scale)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strata.engine.models.registry import family_of_config, rope_layers
+from strata.engine.models.registry import family_of_config, layer_windows, rope_layers
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ModelConfig:
     family: str = "llama"
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     rope_layers: tuple[bool, ...] | None = None  # SmolLM3: per layer, whether it applies RoPE (None: all)
+    layer_windows: tuple[int | None, ...] | None = None  # Mistral: per layer, its sliding window (None: none)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -62,6 +63,7 @@ class ModelConfig:
             family=family.name,
             qk_norm=family.qk_norm,
             rope_layers=rope_layers(family, cfg),
+            layer_windows=layer_windows(cfg),
         )
 
     @classmethod

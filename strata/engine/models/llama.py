@@ -223,19 +223,19 @@ class LlamaModel:
         cos_sin = self.cos_sin if rope is None or rope[index] else self.cos_sin_none
         assert cos_sin is not None
         q = rotary_store_kv(qkv, cos_sin, positions, slots, k_cache, v_cache, self.cfg.num_attention_heads)
+        window = self.cfg.layer_windows[index] if self.cfg.layer_windows is not None else None
         if batch.decode_only:
             out = paged_decode_attention(q, k_cache, v_cache, batch.layer_block_tables[index],
-                                         batch.decode_context_lens, self.scale)
+                                         batch.decode_context_lens, self.scale, window=window)
             return layer.o(out.view(t, self.q_size))
         out = torch.empty_like(q)
         for p in batch.prefills:
             # The slice's keys and values, its history's and its own, as the cache now holds them.
             context = slots[p.start : p.end] if p.context_slots is None else p.context_slots[index]
             ks, vs = gather_kv(k_cache, context), gather_kv(v_cache, context)
-            out[p.start : p.end] = prefill_attention(q[p.start : p.end], ks, vs, self.scale)
+            out[p.start : p.end] = prefill_attention(q[p.start : p.end], ks, vs, self.scale, window)
         if batch.decode_rows.numel():
             rows = batch.decode_rows
-            out[rows] = paged_decode_attention(
-                q[rows], k_cache, v_cache, batch.decode_block_tables[index], batch.decode_context_lens, self.scale
-            )
+            out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, batch.decode_block_tables[index],
+                                               batch.decode_context_lens, self.scale, window=window)
         return layer.o(out.view(t, self.q_size))

@@ -3,7 +3,8 @@
 A family is a short description of how it differs from the Llama layer (``LlamaModel`` reads it from its
 ModelConfig): today the Llama family itself (Llama 2/3.x with their rope scaling, SmolLM/SmolLM2, Mistral
 without a sliding window), Qwen2 (q/k/v biases), Qwen3 (an RMSNorm on each head's q and k before RoPE, an
-explicit head_dim) and SmolLM3 (no RoPE on every fourth layer).
+explicit head_dim) and SmolLM3 (no RoPE on every fourth layer). Mistral's sliding window is applied in
+attention (each layer reads only its window; the tiers still keep the whole history).
 The architecture comes from config.json (``architectures``, else ``model_type``) or a GGUF file's
 ``general.architecture``; anything else is refused before the server starts, with a message that names it
 and the supported list (see docs/models.md).
@@ -28,10 +29,12 @@ class Family:
     attention_bias: bool = False  # q/k/v projections carry biases (whatever the config says)
     qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
     nope_layers: bool = False  # some layers apply no RoPE (config no_rope_layers / no_rope_layer_interval)
+    sliding_window: bool = False  # honours config sliding_window (every layer, or those layer_types names)
 
 
 FAMILIES = (
-    Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), ("llama", "mistral"), ("llama", "mistral")),
+    Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), ("llama", "mistral"), ("llama", "mistral"),
+           sliding_window=True),
     Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), ("qwen2",), attention_bias=True),
     Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), ("qwen3",), qk_norm=True),
     Family("smollm3", ("SmolLM3ForCausalLM",), ("smollm3",), (), nope_layers=True),
@@ -64,11 +67,25 @@ def family_of_gguf(arch: str | None) -> Family:
 
 def _check_features(family: Family, cfg: dict[str, Any]) -> None:
     """Refuse what a known family's checkpoint asks for that is not implemented (never serve it silently)."""
-    window = cfg.get("sliding_window")
-    if window and cfg.get("use_sliding_window", True) and window < int(cfg.get("max_position_embeddings", 0)):
-        raise UnsupportedModel(f"{family.name}: sliding-window attention (window {window}) is not supported yet")
+    if layer_windows({**cfg, "num_hidden_layers": cfg.get("num_hidden_layers", 0)}) and not family.sliding_window:
+        raise UnsupportedModel(f"{family.name}: sliding-window attention (window {cfg.get('sliding_window')}) is "
+                               "not supported for this family yet")
     if (cfg.get("no_rope_layers") or cfg.get("no_rope_layer_interval")) and not family.nope_layers:
         raise UnsupportedModel(f"{family.name}: layers without RoPE are not supported for this family")
+
+
+def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...] | None:
+    """Per layer, its sliding window (None: full attention), or None when no layer has one. A window at
+    least the context length is no window."""
+    window = cfg.get("sliding_window")
+    n = int(cfg.get("num_hidden_layers") or 0)
+    if (not window or not cfg.get("use_sliding_window", True)
+            or window >= int(cfg.get("max_position_embeddings") or 0)):
+        return None
+    types = cfg.get("layer_types")
+    if types:
+        return tuple(int(window) if t == "sliding_attention" else None for t in types[:n])
+    return (int(window),) * n
 
 
 def rope_layers(family: Family, cfg: dict[str, Any]) -> tuple[bool, ...] | None:
