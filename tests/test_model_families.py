@@ -65,6 +65,14 @@ def random_dir(root: Path, model_files, name: str) -> Path:
         cfg = transformers.MistralConfig(**common, num_hidden_layers=3, max_position_embeddings=4096,
                                          sliding_window=64, head_dim=16)
         model = transformers.MistralForCausalLM(cfg)
+    elif name == "gemma3":  # 5 local (window 64, base 10k) : 1 global layers, sandwich norms, GeLU-tanh...
+        cfg = transformers.Gemma3TextConfig(**common, num_hidden_layers=6, max_position_embeddings=4096, head_dim=32,
+                                            sliding_window=64, query_pre_attn_scalar=24)
+        model = transformers.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # visible (1 + w) norms: zeros would hide a missing offset
+            for name_, p in model.named_parameters():
+                if "norm" in name_:
+                    p.uniform_(-0.5, 0.5)
     elif name == "qwen2":  # q/k/v biases
         cfg = transformers.Qwen2Config(**common, num_hidden_layers=3, max_position_embeddings=4096,
                                        rope_theta=1_000_000.0)
@@ -88,7 +96,7 @@ def random_dir(root: Path, model_files, name: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled", "qwen2", "mistral-swa"])
+@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled", "qwen2", "mistral-swa", "gemma3"])
 def test_other_families_logits_match_transformers(tmp_path, model_files, name):
     from transformers import AutoModelForCausalLM
 
@@ -104,6 +112,8 @@ def test_other_families_logits_match_transformers(tmp_path, model_files, name):
         assert model.cfg.attention_bias
     elif name == "mistral-swa":
         assert model.cfg.layer_windows == (64, 64, 64)
+    elif name == "gemma3":
+        assert model.cfg.layer_windows == (64,) * 5 + (None,) and model.cfg.local_rope_theta == 10_000.0
     else:
         assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling["rope_type"] == "llama3"
     err = (log_probs(model, ids) - want).abs().max().item()
@@ -145,11 +155,12 @@ def test_qwen3_greedy_through_the_server_equals_transformers_generate(qwen3, tmp
         srv.stop()
 
 
-def test_sliding_window_greedy_through_the_server_equals_transformers_generate(tmp_path, model_files):
+@pytest.mark.parametrize("name", ["mistral-swa", "gemma3"])
+def test_sliding_window_greedy_through_the_server_equals_transformers_generate(tmp_path, model_files, name):
     """Prompt and generation well past the window: prefill with history and decode both read only it."""
     from transformers import AutoModelForCausalLM
 
-    directory = random_dir(tmp_path, model_files, "mistral-swa")
+    directory = random_dir(tmp_path, model_files, name)
     ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     prompt = [int(t) for t in torch.randint(3, 49152, (150,), generator=torch.Generator().manual_seed(3))]
     with torch.no_grad():
@@ -175,7 +186,7 @@ def ref_text(model_dir: Path, ids: list[int]) -> str:
 
 
 @pytest.mark.parametrize("config", [
-    {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
+    {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
     {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
     {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True,
      "max_position_embeddings": 32768, "num_hidden_layers": 2},
@@ -192,15 +203,15 @@ def test_unsupported_architectures_are_refused_by_name(config):
 
 
 def test_the_server_refuses_an_unsupported_directory_and_exits_non_zero(tmp_path, qwen3):
-    bad = tmp_path / "gemma"
+    bad = tmp_path / "phi3"
     shutil.copytree(qwen3, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma3ForCausalLM"],
-                                                 "model_type": "gemma3_text"}))
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["Phi3ForCausalLM"],
+                                                 "model_type": "phi3"}))
     r = subprocess.run([sys.executable, "-m", "strata", "serve", "--model", str(bad), "--port", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "Gemma3ForCausalLM" in r.stderr and "Qwen3ForCausalLM" in r.stderr
+    assert "Phi3ForCausalLM" in r.stderr and "Qwen3ForCausalLM" in r.stderr
 
 
 def test_a_failed_model_load_exits_non_zero(tmp_path, qwen3):

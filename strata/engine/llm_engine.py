@@ -79,7 +79,8 @@ class LLMEngine:
         self.stats = EngineStats()
         self.last_step_time: float | None = None  # time.monotonic() of the last step that ran a batch
         self._batch: list[Sequence] = []  # the sequences of the step being run
-        self.skips = SkipSetup(config, self.files.directory, self.files.fingerprint, cfg.num_hidden_layers)
+        self.skips = SkipSetup(config, self.files.directory, self.files.fingerprint, cfg.num_hidden_layers,
+                               supported=not self.model.cfg.gemma)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -117,8 +118,10 @@ class LLMEngine:
             ttl_s=config.session_ttl_s,
             chunk_tokens=config.kv_chunk_tokens,
             # Stored keys are re-rotated when a truncation moves them; with layers that apply no RoPE (SmolLM3)
-            # one rotation does not fit all layers, so a truncated session is recomputed instead.
-            rope_inv_freq=self.model.inv_freq if self.model.cfg.rope_layers is None else None,
+            # or another base (Gemma 3's local layers) one rotation does not fit all layers, so a truncated
+            # session is recomputed instead.
+            rope_inv_freq=(self.model.inv_freq if self.model.cfg.rope_layers is None
+                           and self.model.cfg.local_rope_theta is None else None),
             remote=self._remote,
             signer=self._signer,
             delays=self.faults.storage_delays(),

@@ -48,12 +48,14 @@ def load_profile(model_dir: Path, fingerprint: str) -> SkipProfile | None:
 
 
 class SkipSetup:
-    def __init__(self, config: EngineConfig, model_dir: Path, fingerprint: str, num_layers: int) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, fingerprint: str, num_layers: int,
+                 supported: bool = True) -> None:
         if config.skip_policy not in POLICIES:
             raise ValueError(f"unknown skip policy {config.skip_policy!r}; choose one of {', '.join(POLICIES)}")
         self.config = config
         self.policy_name = config.skip_policy
         self.num_layers = num_layers
+        self.supported = supported  # the model's layer has a skipping path (not Gemma 3's yet)
         self.profile = load_profile(model_dir, fingerprint) if config.skip_policy == "adaskip" else None
         self._policies: dict[int, SkipPolicy] = {}
         default = self.default()
@@ -72,6 +74,8 @@ class SkipSetup:
 
     def check(self, spec: SkipRequest) -> None:
         """Raise SkipRejected unless `spec` can be served."""
+        if spec.sublayers and not self.supported:
+            raise SkipRejected("sublayer skipping is not implemented for this model family yet", "skip.sublayers")
         if spec.mode not in MODES:
             raise SkipRejected(f"skip mode {spec.mode!r} is not one of {', '.join(MODES)}", "skip.mode")
         if not 0 <= spec.sublayers <= self.max_sublayers:

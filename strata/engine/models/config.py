@@ -31,6 +31,9 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     rope_layers: tuple[bool, ...] | None = None  # SmolLM3: per layer, whether it applies RoPE (None: all)
     layer_windows: tuple[int | None, ...] | None = None  # Mistral: per layer, its sliding window (None: none)
+    local_rope_theta: float | None = None  # Gemma 3: the rope base of its sliding-window layers
+    gemma: bool = False  # Gemma 3's layer (see registry.py)
+    attn_scale: float | None = None  # Gemma 3: query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -42,6 +45,12 @@ class ModelConfig:
         bias = bool(cfg.get("attention_bias", False)) or family.attention_bias
         # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`.
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        local_theta = None
+        if "full_attention" in rope:  # per layer type (Gemma 3, transformers >= 5)
+            local_theta = (rope.get("sliding_attention") or {}).get("rope_theta")
+            rope = rope["full_attention"] or {}
+        elif family.gemma:
+            local_theta = cfg.get("rope_local_base_freq", 10000.0)
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
         scaling = rope if rope.get("rope_type", rope.get("type")) not in (None, "default") else None
         return cls(
@@ -64,6 +73,9 @@ class ModelConfig:
             qk_norm=family.qk_norm,
             rope_layers=rope_layers(family, cfg),
             layer_windows=layer_windows(cfg),
+            local_rope_theta=float(local_theta) if family.gemma and local_theta else None,
+            gemma=family.gemma,
+            attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if family.gemma else None,
         )
 
     @classmethod

@@ -39,6 +39,10 @@ from strata.kernels.rotary import rope_cos_sin, rope_inv_freq
 
 class LlamaLayer:
     def __init__(self, w: Weights, prefix: str, cfg: ModelConfig) -> None:
+        def norm(name: str) -> torch.Tensor:  # Gemma stores w of (1 + w): the one norm kernel then serves all
+            t = w.tensor(prefix + name)
+            return t + 1 if cfg.gemma else t
+
         a = prefix + "self_attn."
         qkv_bias = w.cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]) if cfg.attention_bias else None
         self.qkv = Linear(w.cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]), qkv_bias)
@@ -46,11 +50,14 @@ class LlamaLayer:
         m = prefix + "mlp."
         self.gate_up = Linear(w.cat([m + "gate_proj.weight", m + "up_proj.weight"]))
         self.down = Linear(w[m + "down_proj.weight"])
-        self.attn_norm = w.tensor(prefix + "input_layernorm.weight")
-        self.mlp_norm = w.tensor(prefix + "post_attention_layernorm.weight")
-        # Qwen3: each head's q and k are RMS-normalized (over head_dim) before RoPE.
-        self.q_norm = w.tensor(a + "q_norm.weight") if cfg.qk_norm else None
-        self.k_norm = w.tensor(a + "k_norm.weight") if cfg.qk_norm else None
+        self.attn_norm = norm("input_layernorm.weight")
+        # Gemma 3 norms each sublayer's output too, and names its norm before the MLP pre_feedforward_layernorm.
+        self.mlp_norm = norm("pre_feedforward_layernorm.weight" if cfg.gemma else "post_attention_layernorm.weight")
+        self.post_attn_norm = norm("post_attention_layernorm.weight") if cfg.gemma else None
+        self.post_mlp_norm = norm("post_feedforward_layernorm.weight") if cfg.gemma else None
+        # Qwen3, Gemma 3: each head's q and k are RMS-normalized (over head_dim) before RoPE.
+        self.q_norm = norm("self_attn.q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = norm("self_attn.k_norm.weight") if cfg.qk_norm else None
 
 
 class LlamaModel:
@@ -61,14 +68,19 @@ class LlamaModel:
         prepare(self.device)  # on a GPU: build or load the kernels now, log the attention backends
         self.embed = w["model.embed_tokens.weight"]  # a quantized table when it is the (quantized) LM head too
         self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"])
-        self.norm = w.tensor("model.norm.weight")
+        self.norm = w.tensor("model.norm.weight") + (1 if cfg.gemma else 0)
+        self.embed_scale = cfg.hidden_size**0.5 if cfg.gemma else None  # Gemma scales its embeddings
         self.layers = [LlamaLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype).to(self.device)
+        # Gemma 3's sliding-window layers rotate with a base of their own.
+        self.cos_sin_local = (rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None),
+                                           cfg.max_position_embeddings, dtype).to(self.device)
+                              if cfg.local_rope_theta is not None else None)
         # A layer without RoPE (SmolLM3) goes through the same fused kernel with the identity rotation.
         self.cos_sin_none = (torch.stack([torch.ones_like(self.cos_sin[:, 0]), torch.zeros_like(self.cos_sin[:, 1])],
                                          dim=1) if cfg.rope_layers is not None else None)
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.quantization = w.quantization
@@ -87,9 +99,11 @@ class LlamaModel:
         return cls(cfg, weights, dtype, device)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, torch.Tensor):
-            return self.embed[input_ids]
-        return self.embed.rows(input_ids).dequantize(self.dtype)
+        x = self.embed[input_ids] if isinstance(self.embed, torch.Tensor) else self.embed.rows(input_ids).dequantize(
+            self.dtype)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # in the model dtype, as transformers does
+        return x
 
     def forward(
         self,
@@ -115,6 +129,8 @@ class LlamaModel:
         if skip is not None:
             return self._forward_skipping(x, positions, batch, kv, skip, before_layer)
         eps = cfg.rms_norm_eps
+        if cfg.gemma:
+            return self._forward_gemma(x, positions, batch, kv, before_layer)
         h = rms_norm(x, self.layers[0].attn_norm, eps)
         # x is the residual stream; each add_rms_norm adds a sublayer's output to it and normalizes for the next.
         for i, layer in enumerate(self.layers):
@@ -124,6 +140,20 @@ class LlamaModel:
             next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             h = add_rms_norm(x, self._mlp(h, layer), next_norm, eps)
         return h
+
+    def _forward_gemma(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                       kv: tuple[torch.Tensor, ...], before_layer: Callable[[int], None] | None) -> torch.Tensor:
+        """Gemma 3's layer: each sublayer's input and output normalized, the output added to the stream."""
+        eps = self.cfg.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(i)
+            assert layer.post_attn_norm is not None and layer.post_mlp_norm is not None
+            a = self._attention(rms_norm(x, layer.attn_norm, eps), layer, i, positions, batch, kv)
+            x = x + rms_norm(a, layer.post_attn_norm, eps)
+            m = self._mlp(rms_norm(x, layer.mlp_norm, eps), layer)
+            x = x + rms_norm(m, layer.post_mlp_norm, eps)
+        return rms_norm(x, self.norm, eps)
 
     def _forward_skipping(
         self,
@@ -168,8 +198,10 @@ class LlamaModel:
                 skip.stats.append(self._io_stats(x_in, a, x, ls, skip.measure_rows).to(torch.device("cpu")))
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
 
-    @staticmethod
-    def _mlp(h: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
+    def _mlp(self, h: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
+        if self.cfg.gemma:  # GeLU (tanh approximation) gate
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            return layer.down(torch.nn.functional.gelu(gate, approximate="tanh") * up)
         return layer.down(silu_mul(layer.gate_up(h)))
 
     @staticmethod
@@ -221,6 +253,8 @@ class LlamaModel:
             qkv = self._qk_norm(qkv, layer)
         rope = self.cfg.rope_layers
         cos_sin = self.cos_sin if rope is None or rope[index] else self.cos_sin_none
+        if self.cos_sin_local is not None and self.cfg.layer_windows and self.cfg.layer_windows[index] is not None:
+            cos_sin = self.cos_sin_local
         assert cos_sin is not None
         q = rotary_store_kv(qkv, cos_sin, positions, slots, k_cache, v_cache, self.cfg.num_attention_heads)
         window = self.cfg.layer_windows[index] if self.cfg.layer_windows is not None else None

@@ -3,8 +3,10 @@
 A family is a short description of how it differs from the Llama layer (``LlamaModel`` reads it from its
 ModelConfig): today the Llama family itself (Llama 2/3.x with their rope scaling, SmolLM/SmolLM2, Mistral
 without a sliding window), Qwen2 (q/k/v biases), Qwen3 (an RMSNorm on each head's q and k before RoPE, an
-explicit head_dim) and SmolLM3 (no RoPE on every fourth layer). Mistral's sliding window is applied in
-attention (each layer reads only its window; the tiers still keep the whole history).
+explicit head_dim), SmolLM3 (no RoPE on every fourth layer) and Gemma 3 (text: sliding-window local layers
+with their own rope base, q/k norms, four norms per layer with (1 + w) weights, scaled embeddings, GeLU-tanh,
+query_pre_attn_scalar). Sliding windows are applied in attention (each layer reads only its window; the
+tiers still keep the whole history).
 The architecture comes from config.json (``architectures``, else ``model_type``) or a GGUF file's
 ``general.architecture``; anything else is refused before the server starts, with a message that names it
 and the supported list (see docs/models.md).
@@ -30,6 +32,7 @@ class Family:
     qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
     nope_layers: bool = False  # some layers apply no RoPE (config no_rope_layers / no_rope_layer_interval)
     sliding_window: bool = False  # honours config sliding_window (every layer, or those layer_types names)
+    gemma: bool = False  # Gemma 3's layer: (1 + w) norms around each sublayer, scaled embeddings, GeLU-tanh
 
 
 FAMILIES = (
@@ -38,6 +41,7 @@ FAMILIES = (
     Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), ("qwen2",), attention_bias=True),
     Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), ("qwen3",), qk_norm=True),
     Family("smollm3", ("SmolLM3ForCausalLM",), ("smollm3",), (), nope_layers=True),
+    Family("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), (), qk_norm=True, sliding_window=True, gemma=True),
 )
 
 
@@ -70,6 +74,11 @@ def _check_features(family: Family, cfg: dict[str, Any]) -> None:
     if layer_windows({**cfg, "num_hidden_layers": cfg.get("num_hidden_layers", 0)}) and not family.sliding_window:
         raise UnsupportedModel(f"{family.name}: sliding-window attention (window {cfg.get('sliding_window')}) is "
                                "not supported for this family yet")
+    if family.gemma and cfg.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UnsupportedModel(f"{family.name}: hidden_activation {cfg.get('hidden_activation')!r} is not supported")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+        if cfg.get(name):
+            raise UnsupportedModel(f"{family.name}: {name} is not supported")
     if (cfg.get("no_rope_layers") or cfg.get("no_rope_layer_interval")) and not family.nope_layers:
         raise UnsupportedModel(f"{family.name}: layers without RoPE are not supported for this family")
 
