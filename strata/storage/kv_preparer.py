@@ -48,18 +48,20 @@ class KVPreparer:
         self.store = store
         self.thread = JobThread("kv-prepare", lambda: store.index.count("background_errors"))
 
-    def prepare(self, key: str, prompt_ids: list[int], truncate: bool, done: Callable[[Prepared], None]) -> None:
+    def prepare(self, key: str, prompt_ids: list[int], truncate: bool, done: Callable[[Prepared], None],
+                share: bool = True) -> None:
         ids = list(prompt_ids)
-        self.thread.put(lambda: self._run(key, ids, truncate, done))
+        self.thread.put(lambda: self._run(key, ids, truncate, done, share))
 
-    def _run(self, key: str, prompt_ids: list[int], truncate: bool, done: Callable[[Prepared], None]) -> None:
+    def _run(self, key: str, prompt_ids: list[int], truncate: bool, done: Callable[[Prepared], None],
+             share: bool) -> None:
         store = self.store
         result = Prepared()
         try:
             deleted = store.remote is not None and store.import_remote(key, prompt_ids).deleted_elsewhere
             truncated = truncate and self._truncate(key, prompt_ids)
             result = Prepared(deleted, truncated)
-            if not truncated:
+            if share and not truncated:
                 store.adopt_shared(key, prompt_ids)
             hit, diverges = store.index.lookup(key, prompt_ids)
             if diverges:

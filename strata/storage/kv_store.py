@@ -26,7 +26,7 @@ forward pass needs), each bounded by a timeout)::
                     policy="scheduler" | "lru", ttl_s=3600.0, chunk_tokens=256,
                     rope_inv_freq=None, readahead_layers=None, save_queue_bytes=256 MiB,
                     remote=RemoteBackend | None, signer=ChunkSigner | None)   # a shared tier needs both
-    store.prepare(key, prompt_ids, truncate, done)       # before scheduling; done(Prepared) from its thread
+    store.prepare(key, prompt_ids, truncate, done, share=True)  # before scheduling; done(Prepared), its thread
     store.lookup(key, prompt_ids) -> Hit(tokens, tier)   # tier "dram" | "ssd" | "remote" | None; pure
     store.hint_upcoming(keys)                            # waiting queue order, first = next
     store.start_load(key, token_ids, num_tokens, blocks) -> LoadHandle   # blocks: a BlockTable
@@ -182,14 +182,15 @@ class KVStore:
     # ------------------------------------------------------------------ scheduler side
 
     def prepare(self, session_key: str, prompt_ids: list[int], truncate: bool,
-                done: Callable[[Prepared], None]) -> None:
+                done: Callable[[Prepared], None], share: bool = True) -> None:
         """Before a session's request is scheduled: whatever storage work it needs (shared-tier import,
         context-overflow truncation, cut-back of an edited history, SSD -> DRAM), on the preparer's thread;
-        ``done`` is called from there once (see :mod:`.kv_preparer`)."""
+        ``done`` is called from there once (see :mod:`.kv_preparer`). ``share`` False: the session does not
+        adopt other sessions' chunks (a request that keeps nothing must not leave an entry behind)."""
         if self._closed:
             done(Prepared())
             return
-        self.preparer.prepare(session_key, prompt_ids, truncate, done)
+        self.preparer.prepare(session_key, prompt_ids, truncate, done, share)
 
     def lookup(self, session_key: str, prompt_ids: list[int]) -> Hit:
         """The longest stored prefix of the prompt and its tier; no side effects, no I/O."""

@@ -41,7 +41,8 @@ FAMILIES = (
     Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), ("qwen2",), attention_bias=True),
     Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), ("qwen3",), qk_norm=True),
     Family("smollm3", ("SmolLM3ForCausalLM",), ("smollm3",), (), nope_layers=True),
-    Family("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), (), qk_norm=True, sliding_window=True, gemma=True),
+    Family("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), ("gemma3",), qk_norm=True, sliding_window=True,
+           gemma=True),
 )
 
 

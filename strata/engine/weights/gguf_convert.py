@@ -1,8 +1,9 @@
-"""Convert a GGUF file (Llama family) once into a Hugging Face style directory.
+"""Convert a GGUF file once into a Hugging Face style directory (the families of registry.py that have one).
 
 The directory (config.json, model.safetensors, tokenizer files) is what strata
-loads; the conversion dequantizes every tensor with the `gguf` package and
-undoes llama.cpp's rotary permutation of the q/k projections.
+loads; the conversion dequantizes every tensor with the `gguf` package, undoes
+llama.cpp's rotary permutation of the q/k projections (Llama-arch files), and
+Gemma 3's norms back to transformers' `w` of `(1 + w)` (llama.cpp stores `1 + w`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ _LAYER_NAMES = {
     "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3 names its four norms per layer differently (ffn_norm is the norm before the MLP there).
+_GEMMA3_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+                 "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -48,12 +52,13 @@ def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def hf_name(name: str) -> str | None:
+def hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -91,6 +96,19 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    if family.gemma:
+        head_dim = int(gguf_field(reader, p + "attention.key_length", hidden // heads))
+        window = gguf_field(reader, p + "attention.sliding_window")
+        layers = cfg["num_hidden_layers"]
+        cfg.update({
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,  # what llama.cpp uses for these sizes
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rope_local_base_freq": 10000.0,  # llama.cpp's fixed base of Gemma 3's local layers
+            "sliding_window": int(window) if window else None,
+            # every sixth layer is global, as llama.cpp's swa pattern for Gemma 3
+            "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)],
+        })
     factor = gguf_field(reader, p + "rope.scaling.factor")
     if factor is not None and gguf_field(reader, p + "rope.scaling.type") not in (None, "none"):
         cfg["rope_scaling"] = {"rope_type": gguf_field(reader, p + "rope.scaling.type"), "factor": float(factor)}
@@ -111,7 +129,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, marker: dict[str, str]) -> None
     tensors: dict[str, torch.Tensor] = {}
     arch = gguf_field(reader, "general.architecture")
     for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor"):
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             log.warning("skipping unknown GGUF tensor %s", t.name)
             continue
@@ -122,6 +140,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, marker: dict[str, str]) -> None
             w = unpermute(w, cfg["num_attention_heads"])
         elif arch in ("llama", "mistral") and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute(w, cfg["num_key_value_heads"])
+        if arch == "gemma3" and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
     save_file(tensors, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))

