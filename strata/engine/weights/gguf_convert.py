@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from strata.engine.models.registry import family_of_gguf
+from strata.engine.models.registry import UnsupportedModel, family_of_gguf
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ def gguf_config(reader: Any) -> dict[str, Any]:
     heads = int(gguf_field(reader, p + "attention.head_count"))
     hidden = int(gguf_field(reader, p + "embedding_length"))
     names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:  # llama.cpp's per-dimension rope factors (Llama 3.1+ scaling, LongRoPE)
+        raise UnsupportedModel(f"{arch}: rope frequency factors (rope_freqs) in a GGUF file are not supported yet; "
+                               "serve the Hugging Face directory instead")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     cfg: dict[str, Any] = {
         "architectures": [family.architectures[family.gguf.index(arch)]],
@@ -96,9 +99,11 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    window = gguf_field(reader, p + "attention.sliding_window")
+    if window:  # Mistral's (every layer); Gemma 3's below names its layers
+        cfg["sliding_window"] = int(window)
     if family.gemma:
         head_dim = int(gguf_field(reader, p + "attention.key_length", hidden // heads))
-        window = gguf_field(reader, p + "attention.sliding_window")
         layers = cfg["num_hidden_layers"]
         cfg.update({
             "head_dim": head_dim,
