@@ -109,12 +109,19 @@ class AsyncEngine:
         finished = False
         try:
             while True:
+                # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that arrives as the item
+                # does, and a cancelled request (timeout, disconnect) would then go on generating unread.
+                getter = asyncio.ensure_future(stream.get())
                 try:
-                    out = await asyncio.wait_for(stream.get(), WATCHDOG_S)
-                except TimeoutError:
+                    done, _ = await asyncio.wait({getter}, timeout=WATCHDOG_S)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                if not done:
                     if not self.alive and stream.empty():  # the thread ended without telling us
                         raise EngineDead(f"the engine stopped: {self.status}") from None
                     continue
+                out = getter.result()
                 if out.error is not None and out.finish_reason == "rejected":
                     raise RequestRejected(out.error)
                 finished = out.finished
