@@ -81,6 +81,19 @@ def random_dir(root: Path, model_files, name: str) -> Path:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.uniform_(-0.5, 0.5)
+    elif name == "phi4-mini":  # fused qkv/gate_up, 3/4 of each head rotated, LongRoPE (long factors past 64)
+        cfg = transformers.Phi3Config(**common, num_hidden_layers=3, max_position_embeddings=4096,
+                                      original_max_position_embeddings=64, partial_rotary_factor=0.75,
+                                      rope_parameters={"rope_type": "longrope", "rope_theta": 10_000.0,
+                                                       "partial_rotary_factor": 0.75,
+                                                       "long_factor": [1.0, 2.0, 5.0, 13.0, 30.0, 80.0],
+                                                       "short_factor": [1.0, 1.1, 1.3, 1.7, 2.2, 3.0]},
+                                      sliding_window=None, pad_token_id=0)
+        model = transformers.Phi3ForCausalLM(cfg)
+    elif name == "phi3-swa":  # Phi-3-mini's shape: full rotary, no scaling, a sliding window
+        cfg = transformers.Phi3Config(**common, num_hidden_layers=3, max_position_embeddings=4096,
+                                      sliding_window=64, pad_token_id=0)
+        model = transformers.Phi3ForCausalLM(cfg)
     else:  # Llama 3.x: llama3 rope scaling (it must be applied, not only parsed)
         cfg = transformers.LlamaConfig(**common, num_hidden_layers=3, max_position_embeddings=8192,
                                        rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0,
@@ -96,7 +109,8 @@ def random_dir(root: Path, model_files, name: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled", "qwen2", "mistral-swa", "gemma3"])
+@pytest.mark.parametrize("name", ["smollm3", "llama3-scaled", "qwen2", "mistral-swa", "gemma3", "phi4-mini",
+                                  "phi3-swa"])
 def test_other_families_logits_match_transformers(tmp_path, model_files, name):
     from transformers import AutoModelForCausalLM
 
@@ -114,6 +128,10 @@ def test_other_families_logits_match_transformers(tmp_path, model_files, name):
         assert model.cfg.layer_windows == (64, 64, 64)
     elif name == "gemma3":
         assert model.cfg.layer_windows == (64,) * 5 + (None,) and model.cfg.local_rope_theta == 10_000.0
+    elif name == "phi4-mini":
+        assert model.cfg.rotary_dim == 12 and model.cfg.rope_scaling["rope_type"] == "longrope"
+    elif name == "phi3-swa":
+        assert model.cfg.fused_projections and model.cfg.layer_windows == (64, 64, 64)
     else:
         assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling["rope_type"] == "llama3"
     err = (log_probs(model, ids) - want).abs().max().item()
@@ -155,7 +173,7 @@ def test_qwen3_greedy_through_the_server_equals_transformers_generate(qwen3, tmp
         srv.stop()
 
 
-@pytest.mark.parametrize("name", ["mistral-swa", "gemma3"])
+@pytest.mark.parametrize("name", ["mistral-swa", "gemma3", "phi4-mini"])
 def test_sliding_window_greedy_through_the_server_equals_transformers_generate(tmp_path, model_files, name):
     """Prompt and generation well past the window: prefill with history and decode both read only it."""
     from transformers import AutoModelForCausalLM
@@ -187,7 +205,7 @@ def ref_text(model_dir: Path, ids: list[int]) -> str:
 
 @pytest.mark.parametrize("config", [
     {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
-    {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
+    {"architectures": ["PhiForCausalLM"], "model_type": "phi"},
     {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True,
      "max_position_embeddings": 32768, "num_hidden_layers": 2},
     {"model_type": "mamba"},
@@ -203,15 +221,15 @@ def test_unsupported_architectures_are_refused_by_name(config):
 
 
 def test_the_server_refuses_an_unsupported_directory_and_exits_non_zero(tmp_path, qwen3):
-    bad = tmp_path / "phi3"
+    bad = tmp_path / "phi2"
     shutil.copytree(qwen3, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["Phi3ForCausalLM"],
-                                                 "model_type": "phi3"}))
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["PhiForCausalLM"],
+                                                 "model_type": "phi"}))
     r = subprocess.run([sys.executable, "-m", "strata", "serve", "--model", str(bad), "--port", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "Phi3ForCausalLM" in r.stderr and "Qwen3ForCausalLM" in r.stderr
+    assert "PhiForCausalLM" in r.stderr and "Qwen3ForCausalLM" in r.stderr
 
 
 def test_a_failed_model_load_exits_non_zero(tmp_path, qwen3):

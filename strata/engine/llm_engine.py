@@ -54,7 +54,8 @@ class LLMEngine:
             log.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), why)
         else:
             dtype = DTYPES[config.dtype]
-        self.model = LlamaModel.load(self.files.directory, dtype, device, config.quantization, self.files.gguf)
+        self.model = LlamaModel.load(self.files.directory, dtype, device, config.quantization, self.files.gguf,
+                                     context_len=config.max_model_len)
         self.tokenizer = Tokenizer(self.files.directory)
         cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,

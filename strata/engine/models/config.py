@@ -34,6 +34,8 @@ class ModelConfig:
     local_rope_theta: float | None = None  # Gemma 3: the rope base of its sliding-window layers
     gemma: bool = False  # Gemma 3's layer (see registry.py)
     attn_scale: float | None = None  # Gemma 3: query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
+    rotary_dim: int | None = None  # Phi-3/Phi-4: RoPE on the first rotary_dim dims of each head (None: all)
+    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj (models/layouts.py splits them)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -53,6 +55,10 @@ class ModelConfig:
             local_theta = cfg.get("rope_local_base_freq", 10000.0)
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
         scaling = rope if rope.get("rope_type", rope.get("type")) not in (None, "default") else None
+        if scaling is not None and "original_max_position_embeddings" in cfg:  # Phi-3 keeps it outside
+            scaling = {"original_max_position_embeddings": cfg["original_max_position_embeddings"], **scaling}
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        partial = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -60,7 +66,7 @@ class ModelConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
@@ -76,6 +82,8 @@ class ModelConfig:
             local_rope_theta=float(local_theta) if family.gemma and local_theta else None,
             gemma=family.gemma,
             attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if family.gemma else None,
+            rotary_dim=int(head_dim * partial) if partial < 1.0 else None,
+            fused_projections=family.fused_projections,
         )
 
     @classmethod

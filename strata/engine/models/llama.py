@@ -1,5 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral; Qwen2's biases and Qwen3's q/k norms, see registry.py) over
-a paged KV cache.
+"""The Llama family (Llama 2/3, SmolLM, Mistral; Qwen2's biases, Qwen3's q/k norms, Gemma 3's layer, Phi-3's
+partial rotary: see registry.py and layouts.py) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one [T, hidden] batch:
 projections and MLPs run once on all rows, attention runs per prefill slice
@@ -21,6 +21,7 @@ import torch
 
 from strata.engine.models.attention_batch import AttentionBatch, LayerSkip, SkipPlan, SublayerStats
 from strata.engine.models.config import ModelConfig
+from strata.engine.models.layouts import to_llama_layout
 from strata.engine.weights.quantization import Weights, load_weights
 from strata.kernels.device import default_device
 from strata.kernels.linear import Linear
@@ -34,7 +35,7 @@ from strata.kernels.ops import (
     silu_mul,
 )
 from strata.kernels.paged_attention import gather_kv
-from strata.kernels.rotary import rope_cos_sin, rope_inv_freq
+from strata.kernels.rotary import rope_attention_factor, rope_cos_sin, rope_inv_freq
 
 
 class LlamaLayer:
@@ -61,7 +62,10 @@ class LlamaLayer:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, w: Weights, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: ModelConfig, w: Weights, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 context_len: int | None = None) -> None:
+        """`context_len`: the longest sequence served (default: the model's); LongRoPE's long factors are
+        used when it is beyond the pretraining length (as llama.cpp decides by its context size)."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
@@ -71,8 +75,13 @@ class LlamaModel:
         self.norm = w.tensor("model.norm.weight") + (1 if cfg.gemma else 0)
         self.embed_scale = cfg.hidden_size**0.5 if cfg.gemma else None  # Gemma scales its embeddings
         self.layers = [LlamaLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
-        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype).to(self.device)
+        scaling = cfg.rope_scaling or {}
+        long_context = (context_len or cfg.max_position_embeddings) > int(
+            scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim, long_context)
+        self.cos_sin = rope_cos_sin(self.inv_freq, cfg.max_position_embeddings, dtype,
+                                    rope_attention_factor(cfg.rope_scaling, cfg.max_position_embeddings)
+                                    ).to(self.device)
         # Gemma 3's sliding-window layers rotate with a base of their own.
         self.cos_sin_local = (rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None),
                                            cfg.max_position_embeddings, dtype).to(self.device)
@@ -90,13 +99,14 @@ class LlamaModel:
 
     @classmethod
     def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device | str | None = None,
-             quantization: str = "none", gguf: Path | None = None) -> LlamaModel:
+             quantization: str = "none", gguf: Path | None = None, context_len: int | None = None) -> LlamaModel:
         """Weights onto `device` (default: STRATA_DEVICE, see strata.kernels.device), their linear layers
         quantized as `quantization` says (strata.engine.weights.quantization; blocks of `gguf` where exact)."""
         cfg = ModelConfig.from_dir(model_dir)
         device = torch.device(device if device is not None else default_device())
-        weights = load_weights(model_dir, dtype, device, quantization, gguf, cfg.tie_word_embeddings)
-        return cls(cfg, weights, dtype, device)
+        weights = load_weights(model_dir, dtype, device, quantization, gguf, cfg.tie_word_embeddings,
+                               lambda tensors: to_llama_layout(tensors, cfg))
+        return cls(cfg, weights, dtype, device, context_len)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed[input_ids] if isinstance(self.embed, torch.Tensor) else self.embed.rows(input_ids).dequantize(

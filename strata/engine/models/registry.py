@@ -5,7 +5,8 @@ ModelConfig): today the Llama family itself (Llama 2/3.x with their rope scaling
 without a sliding window), Qwen2 (q/k/v biases), Qwen3 (an RMSNorm on each head's q and k before RoPE, an
 explicit head_dim), SmolLM3 (no RoPE on every fourth layer) and Gemma 3 (text: sliding-window local layers
 with their own rope base, q/k norms, four norms per layer with (1 + w) weights, scaled embeddings, GeLU-tanh,
-query_pre_attn_scalar). Sliding windows are applied in attention (each layer reads only its window; the
+query_pre_attn_scalar) and Phi-3/Phi-4-mini (fused qkv and gate_up projections, partial rotary, LongRoPE).
+Sliding windows are applied in attention (each layer reads only its window; the
 tiers still keep the whole history).
 The architecture comes from config.json (``architectures``, else ``model_type``) or a GGUF file's
 ``general.architecture``; anything else is refused before the server starts, with a message that names it
@@ -33,6 +34,7 @@ class Family:
     nope_layers: bool = False  # some layers apply no RoPE (config no_rope_layers / no_rope_layer_interval)
     sliding_window: bool = False  # honours config sliding_window (every layer, or those layer_types names)
     gemma: bool = False  # Gemma 3's layer: (1 + w) norms around each sublayer, scaled embeddings, GeLU-tanh
+    fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj tensor (split at load)
 
 
 FAMILIES = (
@@ -41,6 +43,7 @@ FAMILIES = (
     Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), ("qwen2",), attention_bias=True),
     Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), ("qwen3",), qk_norm=True),
     Family("smollm3", ("SmolLM3ForCausalLM",), ("smollm3",), (), nope_layers=True),
+    Family("phi3", ("Phi3ForCausalLM",), ("phi3",), ("phi3",), sliding_window=True, fused_projections=True),
     Family("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), ("gemma3",), qk_norm=True, sliding_window=True,
            gemma=True),
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,13 +71,17 @@ def planned_formats(names: list[str], quantization: str, tied: bool) -> dict[str
 
 
 def load_weights(model_dir: Path, dtype: torch.dtype, device: torch.device, quantization: str,
-                 gguf: Path | None, tied: bool) -> Weights:
+                 gguf: Path | None, tied: bool,
+                 layout: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> Weights:
+    """`layout` brings the checkpoint's tensors to the names and order the model reads, before quantizing."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {model_dir}")
     floats: dict[str, torch.Tensor] = {}
     for f in files:
         floats.update(load_file(str(f)))
+    if layout is not None:
+        floats = layout(floats)
     plan = {n: fmt for n, fmt in planned_formats(list(floats), quantization, tied).items()
             if quantizable(floats[n])}
     exact: dict[str, QuantizedWeight] = {}
