@@ -5,6 +5,7 @@ gives transformers' log-probs on the original weights. The tokenizer fields come
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,14 @@ from strata.engine.models.llama import LlamaModel
 from strata.engine.weights.gguf_convert import convert_gguf, gguf_field
 from strata.engine.weights.model_files import default_gguf
 from strata.engine.weights.quality import log_probs
+from strata.kernels.rotary import rope_inv_freq
 from tests.test_model_families import qwen3_dir, random_dir
 
 _LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+          "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's fused ones
 _TOKENIZER = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
               "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
 
@@ -46,7 +49,19 @@ def write_gguf(hf_dir: Path, arch: str, out: Path) -> None:
     rope = cfg.get("rope_parameters") or {}
     writer.add_rope_freq_base(float(cfg.get("rope_theta") or rope.get("rope_theta")))
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    writer.add_rope_dimension_count(head_dim)
+    partial = cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+    writer.add_rope_dimension_count(int(head_dim * partial))
+    if rope.get("rope_type") == "longrope":  # as llama.cpp writes Phi-3: factor tensors, original length
+        original = cfg["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        scale = cfg["max_position_embeddings"] / original
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    elif rope.get("rope_type") == "llama3":  # as llama.cpp writes Llama 3.1+: one divisor per frequency
+        plain = rope_inv_freq(head_dim, rope["rope_theta"], None)
+        writer.add_tensor("rope_freqs.weight", (plain / rope_inv_freq(head_dim, rope["rope_theta"], rope)).float()
+                          .numpy())
     if cfg.get("sliding_window"):
         writer.add_sliding_window(cfg["sliding_window"])
     source = GGUFReader(str(default_gguf()))
@@ -83,7 +98,8 @@ def write_gguf(hf_dir: Path, arch: str, out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "arch"), [("mistral-swa", "mistral"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+@pytest.mark.parametrize(("name", "arch"), [("mistral-swa", "mistral"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
+                                            ("phi4-mini", "phi3"), ("llama3-scaled", "llama")])
 def test_a_family_through_gguf_matches_transformers(tmp_path, model_files, name, arch):
     from transformers import AutoModelForCausalLM
 

@@ -47,6 +47,8 @@ def _scaled(inv_freq: torch.Tensor, scaling: dict[str, Any] | None, long_context
         if ext.numel() != inv_freq.numel():
             raise ValueError(f"longrope has {ext.numel()} factors for {inv_freq.numel()} frequencies")
         return inv_freq / ext
+    if kind == "frequency_factors":  # a GGUF file's rope_freqs: llama.cpp's llama3 scaling, one divisor per pair
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64)
     if kind in (None, "default"):
         return inv_freq
     raise ValueError(f"unsupported rope scaling {kind!r}")

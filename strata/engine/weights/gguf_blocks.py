@@ -34,7 +34,7 @@ def read_blocks(gguf_path: Path, wanted: dict[str, str]) -> dict[str, QuantizedW
     kv_heads = int(gguf_field(reader, f"{arch}.attention.head_count_kv", heads))
     out: dict[str, QuantizedWeight] = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         fmt = wanted.get(name) if name is not None else None
         kind = t.tensor_type.name
         if fmt is None or FORMAT_OF.get(kind) != fmt:
@@ -42,9 +42,10 @@ def read_blocks(gguf_path: Path, wanted: dict[str, str]) -> dict[str, QuantizedW
         rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
         raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, -1)
         weight = _DECODE[kind](raw)
-        if arch != "qwen2" and t.name.endswith("attn_q.weight"):
+        # llama.cpp permutes q/k of Llama-arch files only (as gguf_convert undoes)
+        if arch in ("llama", "mistral") and t.name.endswith("attn_q.weight"):
             weight = _permute_rows(weight, heads)
-        elif arch != "qwen2" and t.name.endswith("attn_k.weight"):
+        elif arch in ("llama", "mistral") and t.name.endswith("attn_k.weight"):
             weight = _permute_rows(weight, kv_heads)
         out[name] = weight  # type: ignore[index]
     return out

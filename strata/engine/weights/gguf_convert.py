@@ -40,6 +40,8 @@ _LAYER_NAMES = {
 # Gemma 3 names its four norms per layer differently (ffn_norm is the norm before the MLP there).
 _GEMMA3_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
                  "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+# Phi-3 keeps its fused projections (ffn_up is gate and up, as Hugging Face's gate_up_proj).
+_PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -55,7 +57,7 @@ def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
 def hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
+    names = {"gemma3": _GEMMA3_NAMES, "phi3": _PHI3_NAMES}.get(arch, _LAYER_NAMES)
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
@@ -76,9 +78,6 @@ def gguf_config(reader: Any) -> dict[str, Any]:
     heads = int(gguf_field(reader, p + "attention.head_count"))
     hidden = int(gguf_field(reader, p + "embedding_length"))
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:  # llama.cpp's per-dimension rope factors (Llama 3.1+ scaling, LongRoPE)
-        raise UnsupportedModel(f"{arch}: rope frequency factors (rope_freqs) in a GGUF file are not supported yet; "
-                               "serve the Hugging Face directory instead")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     cfg: dict[str, Any] = {
         "architectures": [family.architectures[family.gguf.index(arch)]],
@@ -117,7 +116,29 @@ def gguf_config(reader: Any) -> dict[str, Any]:
     factor = gguf_field(reader, p + "rope.scaling.factor")
     if factor is not None and gguf_field(reader, p + "rope.scaling.type") not in (None, "none"):
         cfg["rope_scaling"] = {"rope_type": gguf_field(reader, p + "rope.scaling.type"), "factor": float(factor)}
+    factors = {t.name: t for t in reader.tensors if t.name.startswith(("rope_freqs", "rope_factors"))}
+    if "rope_freqs.weight" in factors:  # Llama 3.1+: llama.cpp writes the llama3 scaling as one divisor per pair
+        cfg["rope_scaling"] = {"rope_type": "frequency_factors", "factors": _floats(factors["rope_freqs.weight"])}
+    if family.fused_projections:  # Phi-3: head_dim from the width, rope.dimension_count is the rotated part
+        head_dim = hidden // heads
+        cfg["head_dim"] = head_dim
+        rotary = int(gguf_field(reader, p + "rope.dimension_count", head_dim))
+        cfg["partial_rotary_factor"] = rotary / head_dim
+        if "rope_factors_long.weight" in factors:
+            original = int(gguf_field(reader, p + "rope.scaling.original_context_length"))
+            cfg["original_max_position_embeddings"] = original
+            cfg["rope_scaling"] = {
+                "rope_type": "longrope", "original_max_position_embeddings": original,
+                "long_factor": _floats(factors["rope_factors_long.weight"]),
+                "short_factor": _floats(factors["rope_factors_short.weight"]),
+                "attention_factor": float(gguf_field(reader, p + "rope.scaling.attn_factor", 1.0))}
+    elif factors.keys() - {"rope_freqs.weight"}:
+        raise UnsupportedModel(f"{arch}: rope factor tensors {sorted(factors)} are not supported for this family")
     return cfg
+
+
+def _floats(tensor: Any) -> list[float]:
+    return [float(x) for x in np.asarray(tensor.data, dtype=np.float32).reshape(-1)]
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, marker: dict[str, str]) -> None:
