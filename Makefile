@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-shared-prefix bench-quant bench-dtype bench-cluster bench-gpu cluster services clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-shared-prefix bench-models bench-quant bench-dtype bench-cluster bench-gpu cluster services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-serving: $(STAMP)
 # 16 users behind one shared system prompt, strata vs vLLM's CPU build: docs/multiturn.md's shared-prefix section.
 bench-shared-prefix: $(STAMP)
 	$(PY) benchmarks/shared_prefix.py $(ARGS)
+
+# Gemma 3 270M: strata against llama-server (same GGUF) and vLLM's CPU build: docs/models.md's benchmark section.
+bench-models: $(STAMP)
+	$(PY) benchmarks/models.py $(ARGS)
 
 # Quality of --quantization int8/int4 against float32 (llama.cpp's Q4_1/Q8_0 beside them) and the kernel's
 # speed: writes docs/quantization.md. ARGS=--quick for a smoke run.
