@@ -1,10 +1,12 @@
 """Gemma 3 270M, the real file (Google's base model in Q4_K_M, `--model gemma-3-270m`), against transformers'
 own GGUF loader on the same file (its dequantization, its Gemma 3): strata's conversion and model agree over
 a prompt longer than the 512-token window, and greedy output through strata's server, also for a session's
-next turn whose history comes from the DRAM tier, is transformers' greedy output."""
+next turn whose history comes from the DRAM tier, is transformers' greedy output, and the DRAM tier holds the
+local layers only for the last window."""
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import torch
@@ -58,7 +60,9 @@ def test_logits_match_transformers_past_the_window(gemma):
 def test_greedy_through_the_server_and_a_session_from_dram(gemma, tmp_path):
     files, ref, tok = gemma
     first = tok(TEXT).input_ids
-    srv = ServerProcess("--model", "gemma-3-270m", "--kv-cache-gb", "0.05", "--ssd-dir", str(tmp_path / "ssd"),
+    # A pool of ~980 blocks: the other session's prefill (256-token steps) pushes the first out of it.
+    srv = ServerProcess("--model", "gemma-3-270m", "--kv-cache-gb", "0.03", "--max-num-batched-tokens", "256",
+                        "--ssd-dir", str(tmp_path / "ssd"),
                         log=tmp_path / "server.log")
     try:
         srv.wait_ready(600)
@@ -79,5 +83,11 @@ def test_greedy_through_the_server_and_a_session_from_dram(gemma, tmp_path):
         text2, cached, tier = complete(second, "river")
         assert tier == "dram" and cached >= len(first), (tier, cached)
         assert text2 == tok.decode(greedy(ref, second), skip_special_tokens=True)
+        # Stored: the 3 global layers of 18 for whole chunks a window (512) before the end, all 18 after.
+        info = httpx.get(srv.base_url + "/v1/sessions/river", timeout=30).json()
+        n, per_layer_token = info["tokens"], 2 * 256 * 4  # K and V of one kv head of 256 dims, float32
+        trimmed = (n - 512 + 1) // 256
+        want = per_layer_token * (trimmed * 256 * 3 + (n - trimmed * 256) * 18)
+        assert trimmed >= 1 and want <= info["dram_bytes"] <= want + per_layer_token * 256 * 18, (info, want)
     finally:
         srv.stop()

@@ -62,7 +62,8 @@ class LLMEngine:
                                  cfg.max_position_embeddings)
         per_block = BlockPool.bytes_per_block(cfg.num_key_value_heads, cfg.head_dim, config.block_size, dtype)
         self.pool = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size,
-                              int(config.kv_cache_gb * 2**30) // per_block, dtype, device)
+                              int(config.kv_cache_gb * 2**30) // per_block, dtype, device, cfg.layer_windows)
+        self._context_limit = self._fit_context()
         self.faults = Faults()
         # The shared tier's store and the key its values are signed with (KV chunks and response records).
         self._remote = (open_backend(config.remote_kv, config.remote_kv_timeout_s, username=config.remote_kv_username,
@@ -74,7 +75,8 @@ class LLMEngine:
             Path(config.ssd_dir) / "responses" if config.ssd_dir else None, ttl_s=config.response_ttl_s,
             tenant_quota_bytes=int(config.response_quota_mb * 2**20),
             ssd=self.store.ssd if self.store is not None else None, remote=self._remote, signer=self._signer)
-        self.kv = KVCacheManager(self.pool, self.store, enabled=config.session_cache)
+        self.kv = KVCacheManager(self.pool, self.store, enabled=config.session_cache,
+                                 step_tokens=config.max_num_batched_tokens)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, self.store, config.kv_load_timeout_s)
         self.stats = EngineStats()
@@ -119,10 +121,11 @@ class LLMEngine:
             ttl_s=config.session_ttl_s,
             chunk_tokens=config.kv_chunk_tokens,
             # Stored keys are re-rotated when a truncation moves them; with layers that apply no RoPE (SmolLM3)
-            # or another base (Gemma 3's local layers) one rotation does not fit all layers, so a truncated
-            # session is recomputed instead.
+            # or another base (Gemma 3's local layers) one rotation does not fit all layers, and sliding-window
+            # layers keep only their window, so a truncated session is recomputed instead.
             rope_inv_freq=(self.model.inv_freq if self.model.cfg.rope_layers is None
-                           and self.model.cfg.local_rope_theta is None else None),
+                           and self.model.cfg.local_rope_theta is None and self.model.cfg.layer_windows is None
+                           else None),
             remote=self._remote,
             signer=self._signer,
             delays=self.faults.storage_delays(),
@@ -135,8 +138,19 @@ class LLMEngine:
 
     @property
     def context_limit(self) -> int:
-        """The longest sequence this engine can hold: the model's window or the whole KV pool."""
-        return min(self.max_model_len, self.pool.num_blocks // self.pool.num_layers * self.pool.block_size)
+        """The longest sequence this engine can hold: the model's context or the whole KV pool (where
+        sliding-window layers hold only their window)."""
+        return self._context_limit
+
+    def _fit_context(self) -> int:
+        pool, step = self.pool, self.config.max_num_batched_tokens
+        if pool.blocks_for_sequence(self.max_model_len, step) <= pool.num_blocks:
+            return self.max_model_len
+        low, high = 0, self.max_model_len  # the longest n whose blocks fit: blocks_for_sequence grows with n
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if pool.blocks_for_sequence(mid, step) <= pool.num_blocks else (low, mid - 1)
+        return low // pool.block_size * pool.block_size
 
     def add_request(self, request: Request) -> None:
         n = len(request.prompt_ids)

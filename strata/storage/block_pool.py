@@ -25,10 +25,14 @@ class BlockPool:
         num_blocks: int,
         dtype: torch.dtype,
         device: torch.device | str | None = None,
+        windows: tuple[int | None, ...] | None = None,
     ) -> None:
+        """`windows`: per layer, its sliding window (None: full attention); a windowed layer's blocks that no
+        later token reads go back to the pool while a sequence runs (BlockTable.drop_outside_windows)."""
         if num_blocks < num_layers:
             raise ValueError("the KV cache holds less than one block per layer: raise --kv-cache-gb")
         self.num_layers = num_layers
+        self.windows = windows if windows is not None and any(w is not None for w in windows) else None
         self.block_size = block_size
         self.num_blocks = num_blocks
         # [K/V, blocks, block_size, kv_heads, head_dim]: K and V are each one slab of blocks.
@@ -59,6 +63,27 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold num_tokens tokens at one layer."""
         return -(-num_tokens // self.block_size)
+
+    def dead_blocks(self, layer: int, num_tokens: int) -> int:
+        """Leading blocks of `layer` that no token from num_tokens on reads (0 unless it is windowed: a token
+        at position p reads keys after p - window)."""
+        window = self._window(layer)
+        return max(0, num_tokens - window + 1) // self.block_size if window else 0
+
+    def blocks_for_history(self, num_tokens: int) -> int:
+        """Blocks, over all layers, of a history of num_tokens tokens that the next token continues from."""
+        want = self.blocks_for(num_tokens)
+        return sum(want - self.dead_blocks(layer, num_tokens) for layer in range(self.num_layers))
+
+    def blocks_for_sequence(self, num_tokens: int, step_tokens: int) -> int:
+        """The most blocks, over all layers, a sequence of num_tokens tokens holds at once when a step
+        computes at most step_tokens of them (a windowed layer holds its window and the step's tokens)."""
+        want = self.blocks_for(num_tokens)
+        return sum(min(want, self.blocks_for(w + step_tokens) + 1) if (w := self._window(layer)) else want
+                   for layer in range(self.num_layers))
+
+    def _window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows is not None else None
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):

@@ -7,7 +7,9 @@ Layout::
 The payload holds, for each layer in order, K then V of the chunk's tokens, each
 ``[tokens, kv_heads, head_dim]`` in the model dtype. Layer ``l`` starts at
 ``payload_offset + l * layer_bytes`` so one layer can be read (and checked, each
-layer has its own crc32) without reading the rest.
+layer has its own crc32) without reading the rest. A chunk that no later token reads at
+some sliding-window layers leaves them out: the header's ``layers`` lists those it holds,
+in payload order (empty: every layer).
 
 Files are written under a temporary name, fsynced, then renamed by the caller;
 a crash leaves either the old file, the new file, or a temporary file that the
@@ -22,7 +24,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,17 @@ class ChunkHeader:
     digest: str = ""
     parent: str = ""
     scope: str = ""
+    layers: list[int] = field(default_factory=list)  # the layers in the payload, in order (empty: all)
+
+    @property
+    def held(self) -> list[int]:
+        """The model layers whose K/V the payload holds, in payload order."""
+        return self.layers or list(range(self.num_layers))
+
+    @property
+    def held_layers(self) -> tuple[int, ...] | None:
+        """As a Chunk says it: None for every layer."""
+        return tuple(self.layers) if self.layers else None
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +116,7 @@ def prefix_hash(token_ids: list[int]) -> str:
 
 
 def layer_payloads(kv: torch.Tensor) -> list[bytes]:
-    """kv: [layers, 2, tokens, kv_heads, head_dim] -> one contiguous byte string per layer."""
+    """kv: [held layers, 2, tokens, kv_heads, head_dim] -> one contiguous byte string per layer."""
     return [kv[layer].contiguous().view(torch.uint8).numpy().tobytes() for layer in range(kv.shape[0])]
 
 
@@ -155,6 +168,9 @@ def _wrongly_typed(h: ChunkHeader) -> str | None:
         return "token_ids"
     if type(h.layer_crc) is not list or not all(_is_int(c, 0, 2**32) for c in h.layer_crc):
         return "layer_crc"
+    if (type(h.layers) is not list or not all(_is_int(v, 0, h.num_layers) for v in h.layers)
+            or h.layers != sorted(set(h.layers))):
+        return "layers"
     return None
 
 
@@ -192,7 +208,7 @@ def parse_header(read: Callable[[int, int], bytes], layout: ChunkLayout, total_s
     shape = (header.num_layers, header.num_kv_heads, header.head_dim, header.dtype)
     if shape != (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype_name):
         raise ChunkError("fingerprint", f"shape {shape}")
-    if header.num_tokens < 1 or len(header.layer_crc) != header.num_layers:
+    if header.num_tokens < 1 or not header.held or len(header.layer_crc) != len(header.held):
         raise ChunkError("format", "empty chunk")
     if header.digest and (header.session_key or not header.scope
                           or header.digest != content_digest(header.scope, header.parent, header.token_ids)):
@@ -200,18 +216,19 @@ def parse_header(read: Callable[[int, int], bytes], layout: ChunkLayout, total_s
     if not header.digest and not header.session_key:
         raise ChunkError("format", "neither a session's nor a content chunk")
     offset = _PREFIX.size + length
-    if total_size != offset + header.num_layers * layout.layer_bytes(header.num_tokens):
+    if total_size != offset + len(header.held) * layout.layer_bytes(header.num_tokens):
         raise ChunkError("truncated", f"size {total_size}")
     return header, offset
 
 
 def read_layer(fd: int, header: ChunkHeader, offset: int, layout: ChunkLayout, layer: int) -> torch.Tensor:
-    """One layer of a chunk, checked against its crc: [2, tokens, kv_heads, head_dim]."""
+    """One layer of a chunk (one it holds), checked against its crc: [2, tokens, kv_heads, head_dim]."""
+    row = header.held.index(layer)
     size = layout.layer_bytes(header.num_tokens)
-    raw = os.pread(fd, size, offset + layer * size)
+    raw = os.pread(fd, size, offset + row * size)
     if len(raw) != size:
         raise ChunkError("truncated", f"layer {layer}")
-    if zlib.crc32(raw) != header.layer_crc[layer]:
+    if zlib.crc32(raw) != header.layer_crc[row]:
         raise ChunkError("checksum", f"layer {layer}")
     flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return flat.view(layout.dtype).view(2, header.num_tokens, layout.num_kv_heads, layout.head_dim)
@@ -222,10 +239,10 @@ def validate_bytes(chunk: bytes, layout: ChunkLayout) -> ChunkHeader:
     view = memoryview(chunk)
     header, offset = parse_header(lambda size, at: bytes(view[at:at + size]), layout, len(chunk))
     size = layout.layer_bytes(header.num_tokens)
-    for layer in range(header.num_layers):
-        start = offset + layer * size
-        if zlib.crc32(view[start:start + size]) != header.layer_crc[layer]:
-            raise ChunkError("checksum", f"layer {layer}")
+    for row in range(len(header.held)):
+        start = offset + row * size
+        if zlib.crc32(view[start:start + size]) != header.layer_crc[row]:
+            raise ChunkError("checksum", f"layer {header.held[row]}")
     return header
 
 
@@ -234,7 +251,7 @@ def validate_file(path: Path, layout: ChunkLayout) -> ChunkHeader:
     fd = os.open(path, os.O_RDONLY)
     try:
         header, offset = read_header(fd, layout, os.fstat(fd).st_size)
-        for layer in range(header.num_layers):
+        for layer in header.held:
             read_layer(fd, header, offset, layout, layer)
         return header
     finally:

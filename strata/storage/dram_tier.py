@@ -5,7 +5,10 @@ so a session of a few tokens does not cost a whole chunk. The budget counts chun
 Making room evicts chunks (the tail of the victim session first, chunks other sessions share last); a
 chunk with no SSD copy is written back first, or, if it cannot be, dropped and its sessions cut back there.
 A chunk that fills is sealed (:meth:`SessionIndex.seal_locked`): registered for sharing, or swapped for the
-equal chunk another session stored first.
+equal chunk another session stored first. Once no later token of its session reads a chunk at a
+sliding-window layer (it ends a window before the session does), the chunk gives those layers up
+(``trim_windows_locked``): a session of a model with 5 local layers in 6 keeps little more than a sixth of
+its history's KV, in every tier (the SSD file is rewritten smaller on its next write-back).
 """
 
 from __future__ import annotations
@@ -92,6 +95,31 @@ class DramTier:
         if target.n >= self.chunk_tokens:
             index.seal_locked(entry, target)
             self.ssd.queue_writeback_locked(entry.key)
+
+    def trim_windows_locked(self, entry: SessionEntry) -> None:
+        """Give up the sliding-window layers of the entry's DRAM chunks that no later token reads: those that
+        end at least a window before the session (whose own tokens only: a chunk other sessions share may
+        still be read by them)."""
+        index, windows = self.index, self.index.windows
+        if windows is None:
+            return
+        end = len(entry.tokens)
+        for chunk in entry.chunks:
+            if chunk.end > end - min(w for w in windows if w) + 1:
+                break  # later chunks end later still
+            held = chunk.held_layers if chunk.held_layers is not None else tuple(range(self.num_layers))
+            keep = tuple(layer for layer in held if not windows[layer] or chunk.end > end - windows[layer] + 1)
+            if chunk.dram is None or chunk.shared or keep == held or not keep:
+                continue
+            old = chunk.dram
+            rows = [held.index(layer) for layer in keep]
+            chunk.dram = old[rows].clone()  # a loader holding the old tensor still reads it whole
+            if self._pin:
+                chunk.dram = chunk.dram.pin_memory()
+            chunk.held_layers = keep
+            chunk.version += 1  # an SSD write of the old layers is stale
+            index.dram_used += chunk.dram.nbytes - old.nbytes
+            index.counters["window_chunks_trimmed"] += 1
 
     def _empty(self, capacity: int, like: torch.Tensor) -> torch.Tensor:
         return torch.empty((self.num_layers, 2, capacity, *like.shape[3:]), dtype=like.dtype, pin_memory=self._pin)

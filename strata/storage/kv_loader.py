@@ -60,7 +60,8 @@ class KVLoader:
             # Checked under the same lock as the reads below: a cut or a rewrite of the session since the
             # caller's lookup must not hand it the KV of other tokens.
             if (entry is None or num_tokens < 1 or len(entry.tokens) < num_tokens or len(token_ids) < num_tokens
-                    or entry.tokens[:num_tokens] != list(token_ids[:num_tokens])):
+                    or entry.tokens[:num_tokens] != list(token_ids[:num_tokens])
+                    or index.intact_upto_locked(entry.chunks, num_tokens) < num_tokens):
                 raise KVLoadError(f"session {session_key!r} does not hold these {num_tokens} tokens")
             try:
                 for c in entry.chunks_for(num_tokens):
@@ -133,15 +134,26 @@ class KVLoader:
                     dst = self.pool.slots_view
                     for p in pieces:
                         current = p
+                        # A windowed layer's blocks before its window were given back (slot -1): those
+                        # tokens are not copied, and may not be stored at all.
+                        targets = slots[layer, p.start:p.start + p.count]
+                        skip = int((targets < 0).sum()) if self.pool.windows is not None else 0
+                        if skip == p.count:
+                            continue
                         if p.dram is not None:
-                            data = p.dram[layer, :, :p.count]
+                            row = p.chunk.row(layer)
+                            if row is None:
+                                raise KVLoadError(f"layer {layer} of tokens {p.start}+ is not stored")
+                            data = p.dram[row, :, skip:p.count]
                             loaded["dram"] += data.nbytes
                         else:
                             assert p.fd is not None
                             header, offset = headers[id(p)]
-                            data = read_layer(p.fd, header, offset, self.layout, layer)[:, :p.count]
+                            if layer not in header.held:
+                                raise KVLoadError(f"layer {layer} of tokens {p.start}+ is not stored")
+                            data = read_layer(p.fd, header, offset, self.layout, layer)[:, skip:p.count]
                             loaded["ssd"] += data.nbytes
-                        copy_kv_slots(dst, slots[layer, p.start:p.start + p.count], data, None)
+                        copy_kv_slots(dst, targets[skip:], data, None)
                     handle.mark_ready(layer, streams.layer_loaded() if streams is not None else None)
         except ChunkError as e:
             assert current is not None and current.fd is not None

@@ -127,6 +127,8 @@ class KVSaver:
                 entry.last_used = time.time()
             if lcp < len(ids):
                 self.dram.append(entry, ids, lcp, kv[:, :, lcp - start:])
+                with index.lock:
+                    self.dram.trim_windows_locked(entry)
         finally:
             with index.lock:
                 self.queued_bytes -= nbytes

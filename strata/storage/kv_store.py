@@ -161,7 +161,7 @@ class KVStore:
         pin = streams is not None  # pinned DRAM chunks: async DMA, readable by the copy kernel
 
         self.index = SessionIndex(policy=policy, ttl_s=ttl_s, dram_bytes=dram_bytes, ssd_bytes=self.ssd_bytes,
-                                  token_bytes=self.token_bytes, chunk_tokens=chunk_tokens)
+                                  token_bytes=self.token_bytes, chunk_tokens=chunk_tokens, windows=pool.windows)
         self.ssd = SsdTier(self.index, self.layout, self.ssd_dir, chunk_tokens=chunk_tokens, pin=pin, delays=delays)
         self.ssd.open()
         self.dram = DramTier(self.index, self.ssd, num_layers=layers, chunk_tokens=chunk_tokens, pin=pin)

@@ -410,8 +410,10 @@ class RemoteTier:
                     if chunk is None or not chunk.servable:
                         commit(part.tmp, part.final)
                         n = part.header.num_tokens
+                        held = part.header.held_layers
                         chunk = Chunk(index=part.header.chunk_index, start=part.header.start, n=n,
-                                      ssd=SsdCopy(path=part.final, nbytes=part.size, file_tokens=n, valid_tokens=n))
+                                      held_layers=held, ssd=SsdCopy(path=part.final, nbytes=part.size,
+                                                                    file_tokens=n, valid_tokens=n, held_layers=held))
                         index.ssd_used += part.size
                         if digest is not None:
                             index.register_locked(chunk, digest, part.header.parent, part.header.scope,

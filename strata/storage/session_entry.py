@@ -22,6 +22,7 @@ class SsdCopy:
     nbytes: int
     file_tokens: int  # tokens the file holds
     valid_tokens: int  # leading tokens of the file that still match the chunk (a cut-back lowers it)
+    held_layers: tuple[int, ...] | None = None  # the layers the file holds (None: all)
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one object may sit in several sessions
@@ -40,6 +41,15 @@ class Chunk:
     scope: str = ""  # a content chunk's tenant
     tokens: list[int] | None = None  # a content chunk's token ids (a new session may copy the part it matches)
     owners: set[str] = field(default_factory=set)  # keys of the sessions whose lists hold it
+    # The layers it holds (None: all): sliding-window layers no later token of its sessions reads are given
+    # up (DramTier.trim_windows_locked); ``dram`` then holds only these rows, in order.
+    held_layers: tuple[int, ...] | None = None
+
+    def row(self, layer: int) -> int | None:
+        """Where ``layer`` is in ``dram`` (None: not held)."""
+        if self.held_layers is None:
+            return layer
+        return self.held_layers.index(layer) if layer in self.held_layers else None
 
     @property
     def shared(self) -> bool:
@@ -62,7 +72,8 @@ class Chunk:
         """DRAM holds what the SSD file does not (also after a cut-back: the file is then rewritten
         shorter, so a restart does not bring back the history the client edited away)."""
         return self.dram is not None and (self.ssd is None or self.ssd.file_tokens != self.n
-                                          or self.ssd.valid_tokens < self.n)
+                                          or self.ssd.valid_tokens < self.n
+                                          or self.ssd.held_layers != self.held_layers)
 
     @property
     def dram_bytes(self) -> int:

@@ -53,7 +53,7 @@ class Hit(NamedTuple):
 
 class SessionIndex:
     def __init__(self, *, policy: str, ttl_s: float, dram_bytes: int, ssd_bytes: int, token_bytes: int,
-                 chunk_tokens: int = 256) -> None:
+                 chunk_tokens: int = 256, windows: tuple[int | None, ...] | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.policy = policy
@@ -62,6 +62,7 @@ class SessionIndex:
         self.ssd_bytes = ssd_bytes
         self.token_bytes = token_bytes
         self.chunk_tokens = chunk_tokens
+        self.windows = windows  # per layer, its sliding window (None: full attention); see intact_upto_locked
         self.lock = threading.Lock()
         self.entries: dict[str, SessionEntry] = {}
         self.content: dict[str, Chunk] = {}  # digest -> the content chunk sessions share
@@ -109,6 +110,9 @@ class SessionIndex:
             diverges = entry is not None and lcp < len(entry.tokens) and lcp < len(prompt_ids)
             if entry is None or lcp == 0 or self.expired_locked(session_key, entry, time.time()):
                 return Hit(0, None), diverges
+            lcp = self.intact_upto_locked(entry.chunks, lcp)
+            if lcp == 0:
+                return Hit(0, None), diverges
             on_disk = any(c.dram is None for c in entry.chunks_for(lcp))
             tier = "remote" if entry.from_remote else "ssd" if on_disk else "dram"
             return Hit(lcp, tier), diverges
@@ -125,7 +129,7 @@ class SessionIndex:
         chunks: list[Chunk] = []
         for digest in prompt_digests(scope, ids, self.chunk_tokens):
             chunk = self.content.get(digest)
-            if chunk is None or not chunk.servable:
+            if chunk is None or not chunk.servable or chunk.held_layers is not None:  # whole chunks only
                 break
             chunks.append(chunk)
         start = len(chunks) * self.chunk_tokens
@@ -137,14 +141,14 @@ class SessionIndex:
         """Chunks in DRAM that follow ``chunks`` (content chunks of a tenant) in some session of that tenant,
         with their tokens: registered content chunks, and sessions' own growing tails (plain model KV)."""
         for child in self.children.get(_family(scope, (chunks[-1].digest or "") if chunks else ""), ()):
-            if child.dram is not None and child.tokens:
+            if child.dram is not None and child.tokens and child.held_layers is None:
                 yield child, child.tokens
         at = len(chunks)
         for key, entry in self.entries.items():
             if len(entry.chunks) <= at or scope_of(key) != scope or (at and entry.chunks[at - 1] is not chunks[-1]):
                 continue
             tail = entry.chunks[at]
-            if tail.digest is None and tail.dram is not None and (
+            if tail.digest is None and tail.dram is not None and tail.held_layers is None and (
                     entry.private_from is None or entry.private_from >= tail.end):
                 yield tail, entry.tokens[tail.start:tail.end]
 
@@ -228,7 +232,7 @@ class SessionIndex:
         tokens = entry.tokens[chunk.start:chunk.end]
         digest = content_digest(scope, parent, tokens)
         same = self.content.get(digest)
-        if same is None or not same.servable:
+        if same is None or not same.servable or same.held_layers is not None:  # whole chunks are shared
             if same is not None:
                 self.unregister_locked(same)
             self.register_locked(chunk, digest, parent, scope, tokens)
@@ -345,8 +349,24 @@ class SessionIndex:
         now = time.time()
         return {k for k, until in self.pins.items() if until > now}
 
+    def intact_upto_locked(self, chunks: list[Chunk], n: int) -> int:
+        """The most of the first ``n`` tokens of ``chunks`` a sequence can continue from: every sliding-window
+        layer must hold the window a token at that position reads (chunks that gave a layer up end earlier)."""
+        if self.windows is None:
+            return n
+        while n > 0:
+            cut = min((c.start for c in chunks if c.held_layers is not None and c.start < n and any(
+                w and layer not in c.held_layers and c.end > n - w + 1 for layer, w in enumerate(self.windows))),
+                default=n)
+            if cut == n:
+                return n
+            n = cut
+        return 0
+
     def cut_locked(self, entry: SessionEntry, n: int) -> None:
-        """Keep only the first ``n`` stored tokens."""
+        """Keep only the first ``n`` stored tokens (fewer when a window given up before ``n`` is needed
+        there: the entry never holds tokens it could not be continued from)."""
+        n = self.intact_upto_locked(entry.chunks, n)
         keep: list[Chunk] = []
         if entry.private_from is not None and n <= entry.private_from:
             entry.private_from = None  # what follows is computed afresh
@@ -365,7 +385,7 @@ class SessionIndex:
                     break
                 if chunk.shared:
                     own = Chunk(index=chunk.index, start=chunk.start, n=chunk.n, dram=chunk.dram.clone(),
-                                owners={entry.key})
+                                owners={entry.key}, held_layers=chunk.held_layers)
                     self.dram_used += own.dram_bytes
                     self.release_locked(entry, chunk)
                     chunk = own

@@ -146,8 +146,10 @@ def scan_directory(directory: Path, layout: ChunkLayout) -> ScanResult:
             n = header.num_tokens
             if entry.private_from is None:  # how its own KV was computed is not known: it is never shared
                 entry.private_from = header.start
+            held = header.held_layers
             entry.chunks.append(Chunk(index=header.chunk_index, start=header.start, n=n, owners={key},
-                                      ssd=SsdCopy(path=file.path, nbytes=file.size, file_tokens=n, valid_tokens=n)))
+                                      held_layers=held, ssd=SsdCopy(path=file.path, nbytes=file.size,
+                                                                    file_tokens=n, valid_tokens=n, held_layers=held)))
             entry.tokens = tokens
             entry.last_used = max(entry.last_used, file.mtime)
             result.ssd_bytes += file.size
@@ -188,9 +190,11 @@ def _adopt_content(entry: SessionEntry, refs: list[str], files: dict[str, _File]
         chunk = result.content.get(digest)
         if chunk is None:
             n = header.num_tokens
+            held = header.held_layers
             chunk = Chunk(index=i, start=header.start, n=n, digest=digest, parent=parent, scope=scope,
-                          tokens=header.token_ids,
-                          ssd=SsdCopy(path=file.path, nbytes=file.size, file_tokens=n, valid_tokens=n))
+                          tokens=header.token_ids, held_layers=held,
+                          ssd=SsdCopy(path=file.path, nbytes=file.size, file_tokens=n, valid_tokens=n,
+                                      held_layers=held))
             result.content[digest] = chunk
             result.ssd_bytes += file.size
         chunk.owners.add(entry.key)

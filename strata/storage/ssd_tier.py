@@ -90,15 +90,17 @@ class SsdTier:
             n, version, data = chunk.n, chunk.version, chunk.dram[:, :, :chunk.n]
             tokens = entry.tokens[:chunk.end]
             digest = chunk.digest
+            held = chunk.held_layers
+            rows = len(held) if held is not None else layout.num_layers
             header = ChunkHeader(fingerprint=layout.fingerprint, session_key="" if digest else entry.key,
                                  chunk_index=chunk.index, start=chunk.start, token_ids=tokens[chunk.start:],
                                  prefix_hash=prefix_hash(tokens), num_layers=layout.num_layers,
                                  num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                                 dtype=layout.dtype_name, layer_crc=[0xFFFFFFFF] * layout.num_layers,
+                                 dtype=layout.dtype_name, layer_crc=[0xFFFFFFFF] * rows,
                                  digest=digest or "", parent=chunk.parent if digest else "",
-                                 scope=(scope_of(entry.key) or "") if digest else "")
+                                 scope=(scope_of(entry.key) or "") if digest else "", layers=list(held or ()))
             # An upper bound: the real checksums print no longer than 0xFFFFFFFF.
-            size = len(header.encode()) + layout.num_layers * layout.layer_bytes(n)
+            size = len(header.encode()) + rows * layout.layer_bytes(n)
             if not self.reserve_locked(size, entry.key):
                 return False
         final = content_path(self.dir, digest) if digest else chunk_path(self.dir, entry.file_stem, chunk.index)
@@ -116,12 +118,12 @@ class SsdTier:
             # The chunk may have changed (a save, a cut, no longer content) while its file was written: then
             # it is stale.
             current = (index.live_locked(chunk) and chunk.version == version and chunk.digest == digest
-                       and written <= size)
+                       and chunk.held_layers == held and written <= size)
             if current:
                 commit(tmp, final)
                 if chunk.ssd is not None:
                     index.ssd_used -= chunk.ssd.nbytes  # the rename replaced that file
-                chunk.ssd = SsdCopy(path=final, nbytes=written, file_tokens=n, valid_tokens=n)
+                chunk.ssd = SsdCopy(path=final, nbytes=written, file_tokens=n, valid_tokens=n, held_layers=held)
                 index.ssd_used += written
                 index.counters["bytes_saved_ssd"] += written
         if not current:
@@ -263,13 +265,15 @@ class SsdTier:
     # ------------------------------------------------------------------ reading
 
     def read_chunk(self, chunk: Chunk, path: Path, n: int) -> torch.Tensor:
-        """All layers of one chunk file, checked: [layers, 2, n, kv_heads, head_dim]."""
+        """The layers one chunk file holds (the chunk's ``held_layers``), checked: [held, 2, n, kv_heads,
+        head_dim]."""
         self.delays.before_ssd_read()
         fd = os.open(path, os.O_RDONLY)
         try:
             header, offset = read_header(fd, self.layout, os.fstat(fd).st_size)
-            layers = [read_layer(fd, header, offset, self.layout, layer)[:, :n]
-                      for layer in range(self.layout.num_layers)]
+            if header.held_layers != chunk.held_layers:
+                raise ChunkError("format", f"layers {header.layers}, the index says {chunk.held_layers}")
+            layers = [read_layer(fd, header, offset, self.layout, layer)[:, :n] for layer in header.held]
         except ChunkError as e:
             self.discard_corrupt(chunk, fd, e)
             raise

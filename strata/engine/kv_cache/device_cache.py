@@ -64,6 +64,9 @@ class DeviceCache:
         n = min(common_prefix(entry.token_ids, prompt_ids), len(prompt_ids) - 1)
         if whole_blocks_only:
             n = n // self.pool.block_size * self.pool.block_size
+        if not entry.blocks.window_intact(self.pool, n):  # an edit reaches back past a window given back
+            entry.blocks.release(self.pool)
+            return 0, BlockTable(self.pool.num_layers)
         return n, entry.blocks.cut(self.pool, n)
 
     def drop(self, key: str) -> bool:

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, store: KVStore | None, enabled: bool = True) -> None:
+    def __init__(self, pool: BlockPool, store: KVStore | None, enabled: bool = True, step_tokens: int = 1024) -> None:
         self.pool = pool
+        self.step_tokens = step_tokens  # the most tokens one step computes for a sequence
         self.cache = DeviceCache(pool)
         self.store = store
         self.enabled = enabled  # off: every request recomputes its whole prompt (the recompute baseline)
@@ -73,6 +74,7 @@ class KVCacheManager:
 
         Cached sessions are dropped to make room, those of waiting sequences last."""
         skip = seq.attn_skips_next()
+        seq.blocks.drop_outside_windows(self.pool, seq.num_computed)  # what no later token reads
         need = seq.blocks.blocks_needed(self.pool, num_tokens, skip)
         if need <= 0:
             return True
@@ -84,7 +86,7 @@ class KVCacheManager:
     def could_fit(self, seq: Sequence) -> bool:
         """Whether the pool could hold the whole sequence if every cached session went (an upper bound
         on its need: admission waits for running sequences instead of loading history it cannot use)."""
-        need = self.pool.blocks_for(seq.num_tokens) * self.pool.num_layers
+        need = self.pool.blocks_for_sequence(seq.num_tokens, self.step_tokens)
         return need <= self.pool.num_free + self.cache.num_blocks + seq.blocks.num_blocks
 
     @property
@@ -146,10 +148,10 @@ class KVCacheManager:
         assert self.store is not None
         hit = self.store.lookup(key, seq.token_ids)
         n = min(hit.tokens, seq.num_tokens - 1)
-        need = self.pool.blocks_for(n) * self.pool.num_layers
+        need = self.pool.blocks_for_history(n)
         if n <= 0 or (self.pool.num_free < need and not self.cache.evict(need, {key})):
             return None
-        blocks = BlockTable.allocate(self.pool, n)
+        blocks = BlockTable.allocate(self.pool, n)  # windowed layers load only their window
         try:
             # The store checks the stored ids against ours under its lock: a concurrent edit of the
             # session between lookup and load is refused, never served.

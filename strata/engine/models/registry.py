@@ -6,8 +6,8 @@ without a sliding window), Qwen2 (q/k/v biases), Qwen3 (an RMSNorm on each head'
 explicit head_dim), SmolLM3 (no RoPE on every fourth layer) and Gemma 3 (text: sliding-window local layers
 with their own rope base, q/k norms, four norms per layer with (1 + w) weights, scaled embeddings, GeLU-tanh,
 query_pre_attn_scalar) and Phi-3/Phi-4-mini (fused qkv and gate_up projections, partial rotary, LongRoPE).
-Sliding windows are applied in attention (each layer reads only its window; the
-tiers still keep the whole history).
+Sliding windows are applied in attention (each layer reads only its window), and
+what a window no longer covers leaves the device pool and the tiers (docs/models.md).
 The architecture comes from config.json (``architectures``, else ``model_type``) or a GGUF file's
 ``general.architecture``; anything else is refused before the server starts, with a message that names it
 and the supported list (see docs/models.md).
