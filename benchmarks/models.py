@@ -4,8 +4,10 @@ The same weights for all: the shipped `gemma-3-270m-q4_k_m.gguf` (strata `--mode
 llama-server on the file itself) and the Hugging Face directory strata converts it to, its Q4_K_M blocks
 dequantized (vLLM). Contenders, each on a fresh server, each at its best on this machine:
 
-- strata at the dtype `--dtype auto` picks here, and strata `--quantization int4` (the file's Q4_K blocks
-  taken as stored, the LM head in int8);
+- strata at the dtype `--dtype auto` picks here (the weights dequantized), strata `--quantization int8` (the
+  file's Q8_0 blocks, the tied embedding and LM head among them, taken as stored; its Q5_0, Q4_K and Q6_K
+  weights rounded to int8) and strata `--quantization int4` (its Q4_K blocks taken as stored; the Q5_0, Q6_K
+  and Q8_0 ones rounded to int4, the LM head to int8: below the file's precision);
 - llama-server on the GGUF (every core, 16 slots so concurrency 16 runs in parallel, prompt cache on);
 - vLLM's CPU build at the same dtype as strata, given every core, tcmalloc and Intel OpenMP preloaded, prefix
   caching on (the flags of benchmarks/serving.py).
@@ -15,10 +17,10 @@ Workloads:
    at temperature 0 through /v1/completions; each contender's tokens against strata's (same prefix length).
 2. `vllm bench serve`: random prompts of 512 tokens, 128 output tokens, ignore_eos, at concurrency 1 (8
    requests) and 16 (32 requests): output tok/s.
-3. multi-turn through /v1/completions (a base model: no chat template): 4 sessions x 5 turns, each turn the
-   whole history plus a new passage, 32 tokens out, with X-Session-ID: median TTFT of turns 2+; for strata
-   also the stored KV bytes per session (its DRAM tier over its sessions) against what the full history of
-   every layer would take.
+3. multi-turn through /v1/completions (a base model: no chat template): 4 sessions x 5 turns, a passage of
+   900-1100 tokens first, then a new paragraph each turn on top of the whole history, 32 tokens out, with
+   X-Session-ID: median TTFT of turns 2+; for strata also the stored KV bytes per session (its DRAM tier over
+   its sessions) against what the whole history at every layer would take.
 
 Writes its section of docs/models.md; results under .bench/models/.
 
@@ -52,6 +54,7 @@ NAME = "gemma-3-270m"
 BEGIN, END = "<!-- bench-models: begin -->", "<!-- bench-models: end -->"
 CONTENDERS = {c.name: c for c in (
     Contender("strata", "strata", "DTYPE"),
+    Contender("strata-int8", "strata", "int8", quantization="int8"),
     Contender("strata-int4", "strata", "int4", quantization="int4"),
     Contender("llama-q4_k_m", "llama", "Q4_K_M", gguf="Q4_K_M"),
     Contender("vllm", "vllm", "DTYPE"),
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         llama_cpp.server_cmd = _llama_cmd(llama_cpp.server_cmd)
     m = gemma()
     dtype = serving.strata_dtype()
-    texts = multiturn.conversations(4, 5, (300, 400), (60, 120))
+    texts = multiturn.conversations(4, 5, (900, 1100), (60, 120))
     prompts = [s[0] + "\n\n" + s[1] for s in multiturn.conversations(8, 2, (600, 800), (60, 120))]
     summary = RESULTS / "summary.json"
     results = json.loads(summary.read_text()) if summary.exists() else {}
