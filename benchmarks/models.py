@@ -208,8 +208,13 @@ def render(results: dict, dtype: str, m: Model) -> str:
         f"{results[n]['stored']['per_session'] / 1024:.0f} (whole history: "
         f"{results[n]['stored']['full_per_session'] / 1024:.0f})" if "stored" in results[n] else "-"
         for n in order) + " |")
-    commands = "\n".join(f"- {n}: `{results[n]['command']}`" for n in order)
+    commands = "\n".join(f"- {n}: `{_no_local_paths(results[n]['command'])}`" for n in order)
     return "\n".join(rows) + "\n\nServers (PORT a free loopback port):\n\n" + commands + "\n"
+
+
+def _no_local_paths(text: str) -> str:
+    """Commands as anyone would type them: the checkout as `.`, the home directory as `~`."""
+    return text.replace(str(REPO) + "/", "").replace(str(Path.home()), "~")
 
 
 def write_doc(body: str, facts: dict[str, str], argv: list[str]) -> None:
@@ -217,7 +222,8 @@ def write_doc(body: str, facts: dict[str, str], argv: list[str]) -> None:
     section = (f"{BEGIN}\n## Benchmark: Gemma 3 270M against llama-server and vLLM\n\n"
                f"`python benchmarks/models.py {' '.join(argv)}` (`make bench-models`) on "
                f"{facts.get('cpu', '?')}, {facts.get('cores', '?')} cores ({facts.get('flags', '')}); "
-               f"{time.strftime('%Y-%m-%d')}. {__doc__.split('Workloads:')[1].split('Writes')[0].strip()}\n\n"
+               f"{time.strftime('%Y-%m-%d')}. Workloads:\n\n"
+               f"{__doc__.split('Workloads:')[1].split('Writes')[0].strip()}\n\n"
                f"{body}\n{END}")
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
@@ -231,14 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--no-run", action="store_true", help="redraw the table and doc from the last results")
     args = ap.parse_args(argv)
     args.greedy_tokens, args.turn_tokens, args.prompts_c1, args.prompts_c16 = 48, 32, 8, 32
-    argv_shown = sys.argv[1:] if argv is None else argv
+    argv_shown = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-run"]
     serving.NAME = NAME  # the served model name every launch and load generator uses
     RESULTS.mkdir(parents=True, exist_ok=True)
     serving.RESULTS = RESULTS
-    serving.ensure_vllm_venv()
-    if any(CONTENDERS[n].kind == "llama" for n in args.contenders):
+    if not args.no_run:
+        serving.ensure_vllm_venv()
+    if not args.no_run and any(CONTENDERS[n].kind == "llama" for n in args.contenders):
         llama_cpp.ensure_built()
         llama_cpp.server_cmd = _llama_cmd(llama_cpp.server_cmd)
     m = gemma()
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [s[0] + "\n\n" + s[1] for s in multiturn.conversations(8, 2, (600, 800), (60, 120))]
     summary = RESULTS / "summary.json"
     results = json.loads(summary.read_text()) if summary.exists() else {}
-    for name in args.contenders:
+    for name in [] if args.no_run else args.contenders:
         results[name] = run_contender(CONTENDERS[name], m, dtype, args, prompts, texts)
         summary.write_text(json.dumps(results, indent=1))
     body = render(results, dtype, m)
