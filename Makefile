@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-shared-prefix bench-models bench-quant bench-dtype bench-cluster bench-gpu cluster services clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-shared-prefix bench-models bench-kv-quality bench-kv-tiers bench-quant bench-dtype bench-cluster bench-gpu cluster services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,14 @@ bench-shared-prefix: $(STAMP)
 # Gemma 3 270M: strata against llama-server (same GGUF) and vLLM's CPU build: docs/models.md's benchmark section.
 bench-models: $(STAMP)
 	$(PY) benchmarks/models.py $(ARGS)
+
+# What a later turn loses through each --kv-tier-dtype: docs/kv-compression.md.
+bench-kv-quality: $(STAMP)
+	$(PY) benchmarks/kv_quality.py $(ARGS)
+
+# The multi-turn chat with tiers too small for every session, per --kv-tier-dtype: docs/kv-compression.md.
+bench-kv-tiers: $(STAMP)
+	$(PY) benchmarks/kv_tiers.py $(ARGS)
 
 # Quality of --quantization int8/int4 against float32 (llama.cpp's Q4_1/Q8_0 beside them) and the kernel's
 # speed: writes docs/quantization.md. ARGS=--quick for a smoke run.

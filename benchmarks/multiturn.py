@@ -117,7 +117,7 @@ def mode_flags(mode: str, args: argparse.Namespace, ssd_dir: Path) -> list[str]:
     if mode == "off":
         return [*common, "--no-session-cache"]
     return [*common, "--eviction-policy", mode, "--dram-kv-gb", str(args.dram_kv_gb),
-            "--ssd-dir", str(ssd_dir), "--ssd-kv-gb", str(args.ssd_kv_gb)]
+            "--ssd-dir", str(ssd_dir), "--ssd-kv-gb", str(args.ssd_kv_gb), *getattr(args, "extra_flags", [])]
 
 
 # ---------------------------------------------------------------- one mode

@@ -8,6 +8,7 @@ import os
 import sys
 
 from strata import __version__
+from strata.storage.kv_codec import FORMATS
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +37,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="turn KV reuse off (session tiers and the device prefix cache): every request "
                         "recomputes its whole prompt")
     p.add_argument("--dram-kv-gb", type=float, default=1.0, help="host-memory (DRAM) tier for session KV, in GiB")
+    p.add_argument("--kv-tier-dtype", default="model", choices=FORMATS,
+                   help="how the DRAM, SSD and shared tiers store session KV: the model dtype, or quantized per "
+                        "token and head (int8, fp8, int4: more sessions per GB; docs/kv-compression.md)")
     p.add_argument("--ssd-dir", default=None,
                    help="directory of the SSD tier (chunk files that survive restarts); unset: no SSD tier")
     p.add_argument("--ssd-kv-gb", type=float, default=8.0, help="disk budget of the SSD tier, in GiB")
@@ -155,6 +159,7 @@ def serve(args: argparse.Namespace) -> None:
             kv_cache_gb=args.kv_cache_gb,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, session_cache=not args.no_session_cache, dram_kv_gb=args.dram_kv_gb,
+            kv_tier_dtype=args.kv_tier_dtype,
             ssd_dir=args.ssd_dir, ssd_kv_gb=args.ssd_kv_gb, remote_kv=args.remote_kv,
             remote_kv_username=args.remote_kv_user, remote_kv_password=remote_password,
             remote_kv_ca_file=args.remote_kv_ca_file, remote_kv_signing_keys=signing_keys,

@@ -115,3 +115,17 @@ def test_a_family_through_gguf_matches_transformers(tmp_path, model_files, name,
     model = LlamaModel.load(converted, torch.float32, "cpu")
     err = (log_probs(model, ids) - want).abs().max().item()
     assert err < 1e-3, f"max |log-prob difference| {err}"
+
+
+@pytest.mark.slow
+def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path, model_files):
+    import subprocess
+    import sys
+
+    path = tmp_path / "falcon.gguf"
+    write_gguf(random_dir(tmp_path, model_files, "qwen2"), "falcon", path)
+    r = subprocess.run([sys.executable, "-m", "strata", "serve", "--model", str(path), "--port", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "falcon" in r.stderr and "qwen3" in r.stderr  # the architecture and what strata serves
+

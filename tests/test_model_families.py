@@ -173,9 +173,11 @@ def test_qwen3_greedy_through_the_server_equals_transformers_generate(qwen3, tmp
         srv.stop()
 
 
-@pytest.mark.parametrize("name", ["mistral-swa", "gemma3", "phi4-mini"])
-def test_sliding_window_greedy_through_the_server_equals_transformers_generate(tmp_path, model_files, name):
-    """Prompt and generation well past the window: prefill with history and decode both read only it."""
+@pytest.mark.parametrize("name", ["mistral-swa", "gemma3", "phi4-mini", "phi3-swa", "smollm3", "qwen2",
+                                  "llama3-scaled"])
+def test_greedy_through_the_server_equals_transformers_generate(tmp_path, model_files, name):
+    """Prompt and generation well past the windows (and Phi-4-mini's original context): prefill in chunks with
+    history and decode, through the server, give transformers' tokens."""
     from transformers import AutoModelForCausalLM
 
     directory = random_dir(tmp_path, model_files, name)

@@ -129,6 +129,7 @@ class LLMEngine:
             remote=self._remote,
             signer=self._signer,
             delays=self.faults.storage_delays(),
+            tier_format=config.kv_tier_dtype,
         )
 
     def close(self, timeout: float = 30.0) -> None:

@@ -93,6 +93,13 @@ def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
         occupancy.add_metric([tier], st.get(f"occupancy_bytes_{tier}", 0.0))
         capacity.add_metric([tier], st.get(f"capacity_bytes_{tier}", 0.0))
     yield from (loaded, saved, evicted, occupancy, capacity)
+    per_token = GaugeMetricFamily("strata_kv_tier_bytes_per_token",
+                                  "Bytes of one token's KV (every layer) in the DRAM/SSD/shared tiers, by the format "
+                                  "they store (--kv-tier-dtype)", labels=["format"])
+    for key, value in st.items():
+        if key.startswith("tier_bytes_per_token_"):
+            per_token.add_metric([key.removeprefix("tier_bytes_per_token_")], value)
+    yield per_token
     load = CounterMetricFamily("strata_kv_load_seconds", "Time loading history KV: overlapped with compute "
                                "or stalling the runner", labels=["kind"])
     load.add_metric(["overlapped"], st.get("load_overlap_seconds", 0.0))

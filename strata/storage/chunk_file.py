@@ -9,7 +9,8 @@ The payload holds, for each layer in order, K then V of the chunk's tokens, each
 ``payload_offset + l * layer_bytes`` so one layer can be read (and checked, each
 layer has its own crc32) without reading the rest. A chunk that no later token reads at
 some sliding-window layers leaves them out: the header's ``layers`` lists those it holds,
-in payload order (empty: every layer).
+in payload order (empty: every layer). Rows are stored as ``format`` says (kv_codec.py: the model
+dtype, or quantized rows packed into bytes); the checksums cover the stored bytes.
 
 Files are written under a temporary name, fsynced, then renamed by the caller;
 a crash leaves either the old file, the new file, or a temporary file that the
@@ -25,12 +26,14 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from strata.storage.content_chain import content_digest
+from strata.storage.kv_codec import KVCodec
 
 MAGIC = b"STRATAKV"
 FORMAT_VERSION = 1
@@ -56,15 +59,30 @@ class ChunkLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's
+    format: str = "model"  # how rows are stored (kv_codec.py): "model" is the model dtype itself
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    @cached_property
+    def codec(self) -> KVCodec:
+        return KVCodec(self.format, self.dtype, self.head_dim)
+
+    @property
+    def header_format(self) -> str:
+        """The header's ``format`` field: empty for the model dtype (as files before formats existed)."""
+        return "" if self.format == "model" else self.format
+
     def layer_bytes(self, tokens: int) -> int:
-        elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * tokens * self.num_kv_heads * self.head_dim * elem
+        return 2 * tokens * self.num_kv_heads * self.codec.row_bytes
+
+    def rows(self, raw: bytes | bytearray, tokens: int) -> torch.Tensor:
+        """One layer's payload as stored rows: [2, tokens, kv_heads, width]."""
+        codec = self.codec
+        flat = torch.frombuffer(raw if isinstance(raw, bytearray) else bytearray(raw), dtype=torch.uint8)
+        return flat.view(codec.storage_dtype).view(2, tokens, self.num_kv_heads, codec.width)
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,7 @@ class ChunkHeader:
     parent: str = ""
     scope: str = ""
     layers: list[int] = field(default_factory=list)  # the layers in the payload, in order (empty: all)
+    format: str = ""  # how its rows are stored (kv_codec.py; empty: the model dtype)
 
     @property
     def held(self) -> list[int]:
@@ -158,7 +177,7 @@ def _is_int(v: object, low: int, high: int) -> bool:
 def _wrongly_typed(h: ChunkHeader) -> str | None:
     """The first header field whose JSON value is not of its declared type and range (a file or a remote
     store may hold anything that passes the header CRC), or None."""
-    for name in ("fingerprint", "session_key", "prefix_hash", "dtype", "digest", "parent", "scope"):
+    for name in ("fingerprint", "session_key", "prefix_hash", "dtype", "digest", "parent", "scope", "format"):
         if type(getattr(h, name)) is not str:
             return name
     for name in ("chunk_index", "start", "num_layers", "num_kv_heads", "head_dim", "version"):
@@ -208,6 +227,8 @@ def parse_header(read: Callable[[int, int], bytes], layout: ChunkLayout, total_s
     shape = (header.num_layers, header.num_kv_heads, header.head_dim, header.dtype)
     if shape != (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype_name):
         raise ChunkError("fingerprint", f"shape {shape}")
+    if header.format != layout.header_format:  # stored in another --kv-tier-dtype
+        raise ChunkError("fingerprint", f"format {header.format or 'model'}")
     if header.num_tokens < 1 or not header.held or len(header.layer_crc) != len(header.held):
         raise ChunkError("format", "empty chunk")
     if header.digest and (header.session_key or not header.scope
@@ -222,7 +243,7 @@ def parse_header(read: Callable[[int, int], bytes], layout: ChunkLayout, total_s
 
 
 def read_layer(fd: int, header: ChunkHeader, offset: int, layout: ChunkLayout, layer: int) -> torch.Tensor:
-    """One layer of a chunk (one it holds), checked against its crc: [2, tokens, kv_heads, head_dim]."""
+    """One layer of a chunk (one it holds), checked against its crc, as stored: [2, tokens, kv_heads, width]."""
     row = header.held.index(layer)
     size = layout.layer_bytes(header.num_tokens)
     raw = os.pread(fd, size, offset + row * size)
@@ -230,8 +251,7 @@ def read_layer(fd: int, header: ChunkHeader, offset: int, layout: ChunkLayout, l
         raise ChunkError("truncated", f"layer {layer}")
     if zlib.crc32(raw) != header.layer_crc[row]:
         raise ChunkError("checksum", f"layer {layer}")
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return flat.view(layout.dtype).view(2, header.num_tokens, layout.num_kv_heads, layout.head_dim)
+    return layout.rows(raw, header.num_tokens)
 
 
 def validate_bytes(chunk: bytes, layout: ChunkLayout) -> ChunkHeader:

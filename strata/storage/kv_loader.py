@@ -121,6 +121,7 @@ class KVLoader:
         try:
             if not began:  # cancelled while queued: its blocks were never touched
                 return
+            codec = self.layout.codec  # stored rows -> the model dtype, one layer at a time
             headers = {}
             for p in pieces:
                 if p.fd is not None:
@@ -146,6 +147,7 @@ class KVLoader:
                                 raise KVLoadError(f"layer {layer} of tokens {p.start}+ is not stored")
                             data = p.dram[row, :, skip:p.count]
                             loaded["dram"] += data.nbytes
+                            data = codec.decode(data)
                         else:
                             assert p.fd is not None
                             header, offset = headers[id(p)]
@@ -153,6 +155,7 @@ class KVLoader:
                                 raise KVLoadError(f"layer {layer} of tokens {p.start}+ is not stored")
                             data = read_layer(p.fd, header, offset, self.layout, layer)[:, skip:p.count]
                             loaded["ssd"] += data.nbytes
+                            data = codec.decode(data)
                         copy_kv_slots(dst, targets[skip:], data, None)
                     handle.mark_ready(layer, streams.layer_loaded() if streams is not None else None)
         except ChunkError as e:

@@ -25,6 +25,7 @@ from strata.storage.block_table import BlockTable
 from strata.storage.cuda_streams import CudaStreams, HostCopy
 from strata.storage.dram_tier import DramTier
 from strata.storage.job_thread import JobThread
+from strata.storage.kv_codec import KVCodec
 from strata.storage.load_handle import KVLoadError
 from strata.storage.session_entry import common_prefix
 from strata.storage.session_index import SessionIndex
@@ -35,8 +36,11 @@ T = TypeVar("T")
 
 class KVSaver:
     def __init__(self, index: SessionIndex, dram: DramTier, ssd: SsdTier, pool: BlockPool,
-                 streams: CudaStreams | None, limit_bytes: int) -> None:
+                 streams: CudaStreams | None, limit_bytes: int, codec: KVCodec) -> None:
         self.index = index
+        self.codec = codec
+        # What the queue holds: copies in the pool's dtype (encoded only on this thread).
+        self._copy_token_bytes = pool.num_layers * pool.block_bytes // pool.block_size
         self.dram = dram
         self.ssd = ssd
         self.pool = pool
@@ -55,7 +59,7 @@ class KVSaver:
 
     def save(self, session_key: str, token_ids: list[int], blocks: BlockTable, start: int, end: int) -> None:
         index = self.index
-        nbytes = (end - start) * index.token_bytes
+        nbytes = (end - start) * self._copy_token_bytes
         with index.lock:  # admission before the copy: a full queue costs the forward nothing
             if self.queued_bytes > 0 and self.queued_bytes + nbytes > self.limit_bytes:
                 index.counters["saves_dropped_queue_full"] += 1
@@ -112,6 +116,7 @@ class KVSaver:
         index = self.index
         try:
             kv = pending.wait() if isinstance(pending, HostCopy) else pending.to("cpu")
+            kv = self.codec.encode(kv)  # what the tiers store (--kv-tier-dtype), off the engine thread
             with index.lock:
                 if index.deleted_in_epoch.get(key, -1) > epoch:  # deleted after this save was queued
                     index.counters["saves_dropped_deleted"] += 1

@@ -143,7 +143,8 @@ class KVStore:
                  ssd_bytes: int, policy: str = "scheduler", ttl_s: float = 3600.0, chunk_tokens: int = 256,
                  rope_inv_freq: torch.Tensor | None = None, readahead_layers: int | None = None,
                  save_queue_bytes: int = 256 << 20, remote: RemoteBackend | None = None,
-                 signer: ChunkSigner | None = None, delays: InjectedDelays = NO_DELAYS) -> None:
+                 signer: ChunkSigner | None = None, delays: InjectedDelays = NO_DELAYS,
+                 tier_format: str = "model") -> None:
         _, _, _, heads, dim = pool.kv.shape
         layers = pool.num_layers
         self.pool = pool
@@ -154,7 +155,7 @@ class KVStore:
         self.ssd_bytes = ssd_bytes if ssd_dir is not None else 0
         self.ssd_dir = Path(ssd_dir) if ssd_dir is not None else None
         self.rope_inv_freq = rope_inv_freq
-        self.layout = ChunkLayout(model_fingerprint, layers, heads, dim, pool.kv.dtype)
+        self.layout = ChunkLayout(model_fingerprint, layers, heads, dim, pool.kv.dtype, tier_format)
         self.num_layers = layers
         self.token_bytes = self.layout.layer_bytes(1) * layers
         streams = CudaStreams(pool.kv.device) if pool.kv.is_cuda else None
@@ -166,7 +167,7 @@ class KVStore:
         self.ssd.open()
         self.dram = DramTier(self.index, self.ssd, num_layers=layers, chunk_tokens=chunk_tokens, pin=pin)
         self.loader = KVLoader(self.index, self.ssd, pool, self.layout, streams, readahead_layers or layers)
-        self.saver = KVSaver(self.index, self.dram, self.ssd, pool, streams, save_queue_bytes)
+        self.saver = KVSaver(self.index, self.dram, self.ssd, pool, streams, save_queue_bytes, self.layout.codec)
         self.truncator = (Truncator(self.index, self.dram, self.ssd, self.layout, rope_inv_freq)
                           if rope_inv_freq is not None else None)
         # The shared tier rides on the SSD tier: what it writes is uploaded, what it lacks is imported.
@@ -236,6 +237,8 @@ class KVStore:
         with self.index.lock:
             out["save_queue_bytes"] = float(self.saver.queued_bytes)
         out["ssd_io_queue"] = float(self.ssd.io.pending)
+        # What one token of KV takes in the tiers, in the format they store (--kv-tier-dtype).
+        out[f"tier_bytes_per_token_{self.layout.format}"] = float(self.token_bytes)
         if self.remote is not None:
             out["remote_upload_queue"] = float(self.remote.pending())
         return out

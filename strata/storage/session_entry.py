@@ -32,7 +32,7 @@ class Chunk:
     index: int
     start: int
     n: int = 0
-    dram: torch.Tensor | None = None  # [layers, 2, capacity, kv_heads, head_dim]; [:, :, :n] is valid
+    dram: torch.Tensor | None = None  # [layers, 2, capacity, kv_heads, row] as stored (kv_codec); [:, :, :n] valid
     ssd: SsdCopy | None = None
     version: int = 0  # bumped on every content change, so a racing SSD write can tell it is stale
     prefetched: bool = False

@@ -98,7 +98,8 @@ class SsdTier:
                                  num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
                                  dtype=layout.dtype_name, layer_crc=[0xFFFFFFFF] * rows,
                                  digest=digest or "", parent=chunk.parent if digest else "",
-                                 scope=(scope_of(entry.key) or "") if digest else "", layers=list(held or ()))
+                                 scope=(scope_of(entry.key) or "") if digest else "", layers=list(held or ()),
+                                 format=layout.header_format)
             # An upper bound: the real checksums print no longer than 0xFFFFFFFF.
             size = len(header.encode()) + rows * layout.layer_bytes(n)
             if not self.reserve_locked(size, entry.key):
@@ -265,8 +266,8 @@ class SsdTier:
     # ------------------------------------------------------------------ reading
 
     def read_chunk(self, chunk: Chunk, path: Path, n: int) -> torch.Tensor:
-        """The layers one chunk file holds (the chunk's ``held_layers``), checked: [held, 2, n, kv_heads,
-        head_dim]."""
+        """The layers one chunk file holds (the chunk's ``held_layers``), checked, as stored: [held, 2, n,
+        kv_heads, width]."""
         self.delays.before_ssd_read()
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -45,10 +45,11 @@ class Truncator:
         finally:
             with index.lock:
                 entry.active_loads -= 1
-        layout = self.layout
-        kv = torch.cat(parts, dim=2) if parts else torch.empty(
+        layout, codec = self.layout, self.layout.codec
+        kv = codec.decode(torch.cat(parts, dim=2)) if parts else torch.empty(
             (layout.num_layers, 2, 0, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype)
-        new_kv = drop_and_reposition(kv, keep_head, drop_end, self.rope_inv_freq)
+        # Rotated in the model dtype, stored again as the tiers store it.
+        new_kv = codec.encode(drop_and_reposition(kv, keep_head, drop_end, self.rope_inv_freq))
         new_tokens = drop_tokens(old_tokens, keep_head, drop_end)
         with index.lock:
             if index.entries.get(key) is not entry or entry.tokens != old_tokens:

@@ -1,0 +1,71 @@
+"""Compressed tiers under pressure: the multi-turn chat of benchmarks/multiturn.py with a device pool and a DRAM
+tier too small for every session, once per --kv-tier-dtype, one after the other.
+
+8 sessions x 6 turns (a 700-900 token document, then questions), greedy answers of at most 32 tokens, think
+times of 8 s, 4 running sequences; device pool 0.15 GiB (~3.4k tokens of SmolLM2 in float32), DRAM tier
+0.1 GiB, SSD tier 4 GiB; the scheduler-aware eviction policy. Per format: bytes of one token in the tiers,
+sessions a GiB of DRAM holds (at the run's mean session length), later turns served from each tier,
+median and p90 TTFT of turns 2+, the whole run. Appends its table to docs/kv-compression.md.
+
+    python benchmarks/kv_tiers.py                 # model dtype and int8 (make bench-kv-tiers)
+    python benchmarks/kv_tiers.py --formats model int8 fp8 int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import multiturn  # benchmarks/ is on sys.path when run as a script
+from machine import cpu_name
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "kv-compression.md"
+BEGIN, END = "<!-- kv-tiers: begin -->", "<!-- kv-tiers: end -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", nargs="+", default=["model", "int8"])
+    ap.add_argument("--no-doc", action="store_true")
+    args = ap.parse_args(argv)
+    run = argparse.Namespace(sessions=8, turns=6, think=8.0, max_num_seqs=4, max_tokens=32, kv_cache_gb=0.15,
+                             dram_kv_gb=0.1, ssd_kv_gb=4.0)
+    texts = multiturn.conversations(run.sessions, run.turns, (700, 900), (20, 80))
+    rows = ["| tier format | bytes per token | sessions per GiB of DRAM | turns 2+ from hbm / dram / ssd / none "
+            "| median TTFT turns 2+ | p90 TTFT turns 2+ | whole run |", "|---|---:|---:|---|---:|---:|---:|"]
+    for fmt in args.formats:
+        run.extra_flags = ["--kv-tier-dtype", fmt]
+        multiturn.log(f"tier format {fmt}")
+        res = multiturn.run_mode("scheduler", run, texts)
+        later = [t for t in res.turns if t.turn >= 2]
+        tiers = Counter(t.tier for t in later)
+        per_token = next(v for k, v in res.final.items() if k.startswith("strata_kv_tier_bytes_per_token"))
+        session_tokens = statistics.mean(max(t.prompt_tokens for t in res.turns if t.session == s)
+                                         for s in range(run.sessions))
+        rows.append(f"| {fmt} | {per_token:,.0f} | {2**30 / (per_token * session_tokens):.1f} | "
+                    + " / ".join(str(tiers[k]) for k in ("hbm", "dram", "ssd", "none"))
+                    + f" | {multiturn.ms(multiturn.median(later))} | {multiturn.ms(multiturn.p90(later))} | "
+                    f"{res.wall:.0f} s |")
+        print("\n".join(rows), flush=True)
+    body = "\n".join(rows)
+    if not args.no_doc:
+        text = DOC.read_text()
+        shown = " ".join(sys.argv[1:] if argv is None else argv)
+        section = (f"{BEGIN}\n## Tiers under pressure\n\n`python benchmarks/kv_tiers.py {shown}` "
+                   f"(`make bench-kv-tiers`) on {cpu_name()}, {time.strftime('%Y-%m-%d')}, SmolLM2-135M in "
+                   f"float32. {__doc__.split(chr(10) + chr(10))[1].strip()}\n\n{body}\n{END}")
+        if BEGIN in text:
+            text = text.split(BEGIN)[0] + section + text.split(END, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        DOC.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
