@@ -5,7 +5,9 @@ tier too small for every session, once per --kv-tier-dtype, one after the other.
 times of 8 s, 4 running sequences; device pool 0.15 GiB (~3.4k tokens of SmolLM2 in float32), DRAM tier
 0.1 GiB, SSD tier 4 GiB; the scheduler-aware eviction policy. Per format: bytes of one token in the tiers,
 sessions a GiB of DRAM holds (at the run's mean session length), later turns served from each tier,
-median and p90 TTFT of turns 2+, the whole run. Appends its table to docs/kv-compression.md.
+median and p90 TTFT of turns 2+, the whole run.
+
+Writes its section of docs/kv-compression.md.
 
     python benchmarks/kv_tiers.py                 # model dtype and int8 (make bench-kv-tiers)
     python benchmarks/kv_tiers.py --formats model int8 fp8 int4
