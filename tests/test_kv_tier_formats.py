@@ -64,6 +64,19 @@ def worst_difference(got: list, want: list) -> float:
     return worst
 
 
+def next_turn_matches_recomputation(engine: LLMEngine, reference: LLMEngine, rid: str, ids: list[int], tier: str,
+                                    fmt: str) -> list[int]:
+    """The session's next turn comes from `tier` and matches recomputation within the format's tolerance
+    (model and int8: the same greedy tokens); returns its tokens."""
+    got, got_lp, got_tier = answer(engine, rid, ids, "s")
+    want, want_lp, _ = answer(reference, f"ref-{rid}", ids, None)
+    assert got_tier == tier
+    assert worst_difference(got_lp, want_lp) <= LOGPROB_TOLERANCE[fmt]
+    if fmt in ("model", "int8"):
+        assert got == want
+    return got
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_session_reloaded_through_each_format_matches_recomputation(fmt, tmp_path, reference):
     cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), kv_tier_dtype=fmt)
@@ -79,20 +92,10 @@ def test_a_session_reloaded_through_each_format_matches_recomputation(fmt, tmp_p
     ids2 = ids + first + tok.encode(QUESTION, add_special_tokens=False)
     engine.kv.cache.drop("s")  # not in device memory: reloaded from the DRAM tier
     engine.store.flush()
-    got, got_lp, tier = answer(engine, "t2", ids2, "s")
-    want, want_lp, _ = answer(reference, "r2", ids2, None)
-    assert tier == "dram"
-    assert worst_difference(got_lp, want_lp) <= LOGPROB_TOLERANCE[fmt]
-    if fmt in ("model", "int8"):
-        assert got == want
+    got = next_turn_matches_recomputation(engine, reference, "t2", ids2, "dram", fmt)
     engine.close()
 
     restarted = LLMEngine(cfg)  # the chunk files, in this format, read back
     ids3 = ids2 + got + tok.encode(" And one more fact, please.", add_special_tokens=False)
-    got3, got3_lp, tier3 = answer(restarted, "t3", ids3, "s")
-    want3, want3_lp, _ = answer(reference, "r3", ids3, None)
-    assert tier3 == "ssd"
-    assert worst_difference(got3_lp, want3_lp) <= LOGPROB_TOLERANCE[fmt]
-    if fmt in ("model", "int8"):
-        assert got3 == want3
+    next_turn_matches_recomputation(restarted, reference, "t3", ids3, "ssd", fmt)
     restarted.close()

@@ -30,7 +30,6 @@ class BlockTable:
         self.dropped = [0] * num_layers  # per layer, its leading blocks given back (outside its window)
         self._tensor: torch.Tensor | None = None  # _table(), rebuilt after a change
         self._clamped: tuple[torch.Tensor, torch.Tensor] | None = None  # (_table(), tensor()) last built
-        self._no_drops = [0] * num_layers
 
     @classmethod
     def allocate(cls, pool: BlockPool, num_tokens: int) -> BlockTable:
@@ -127,7 +126,7 @@ class BlockTable:
         masked by length or window)."""
         raw = self._table()
         if self._clamped is None or self._clamped[0] is not raw:
-            self._clamped = (raw, raw.clamp(min=0) if self.dropped != self._no_drops else raw)
+            self._clamped = (raw, raw.clamp(min=0) if any(self.dropped) else raw)
         return self._clamped[1]
 
     def _table(self) -> torch.Tensor:
