@@ -28,12 +28,12 @@ test: $(STAMP) services
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=15 tests
 
-# What the scale-out tests and `make cluster` run: Debian's nginx (the router) and redis-server (the shared tier).
+# What the scale-out tests and `make cluster` run: Debian's haproxy (the router) and redis-server (the shared tier).
 services:
-	@(command -v nginx || test -x /usr/sbin/nginx) >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 \
+	@(command -v haproxy || test -x /usr/sbin/haproxy) >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 \
 		&& command -v openssl >/dev/null 2>&1 || sh deploy/install_services.sh
 
-# N strata servers behind the session-affine nginx router on one machine (ARGS: flags for every server;
+# N strata servers behind the session-affine router (HAProxy) on one machine (ARGS: flags for every server;
 # REMOTE=1: with a local shared KV tier).
 cluster: $(STAMP) services
 	$(PY) deploy/cluster.py --instances $(or $(N),3) $(if $(REMOTE),--shared-tier) -- $(ARGS)

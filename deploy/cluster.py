@@ -1,5 +1,6 @@
-"""Scale-out on one machine: N strata servers on loopback behind nginx hashing X-Session-ID consistently,
-with the same router config as Kubernetes (deploy/nginx/router.conf.template).
+"""Scale-out on one machine: N strata servers on loopback behind the router (HAProxy: bounded-load consistent
+hashing of each request's route key), with the same router config as Kubernetes
+(deploy/haproxy/router.cfg.template).
 
     make cluster                                   # 3 servers, router on 127.0.0.1:8000
     python deploy/cluster.py --instances 4 --port 9000 -- --kv-cache-gb 0.5
@@ -36,17 +37,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def answered_by(upstream_header: str) -> str:
-    """The server that answered, from X-Strata-Upstream: nginx lists the servers tried, ", " between retries
-    on one ring and " : " before the spill ring's."""
-    return re.split(r", | : ", upstream_header)[-1]
-
-
-def nginx_binary() -> str:
-    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
+def haproxy_binary() -> str:
+    for candidate in (shutil.which("haproxy"), "/usr/sbin/haproxy"):
         if candidate and Path(candidate).exists():
             return candidate
-    raise FileNotFoundError("nginx is not installed: run `make services` (Debian's nginx package)")
+    raise FileNotFoundError("haproxy is not installed: run `make services` (Debian's haproxy package)")
 
 
 class RedisServer:
@@ -129,6 +124,17 @@ class Instance:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str) -> float:
+        """One unlabelled value of the server's /metrics."""
+        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
 
 @dataclass
 class Cluster:
@@ -136,20 +142,21 @@ class Cluster:
     strata_args: list[str] = field(default_factory=list)
     router_port: int = 0
     upstream_header: bool = False  # X-Strata-Upstream in the router's answers (tests, debugging)
+    balance: str = "bounded"  # router_config.BALANCE: bounded, consistent, roundrobin
     instances: list[Instance] = field(default_factory=list)
-    _nginx: subprocess.Popen | None = None
+    _router: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.router_port = self.router_port or free_port()
-        (self.workdir / "nginx").mkdir(exist_ok=True)
+        (self.workdir / "router").mkdir(exist_ok=True)
 
     @property
     def router_url(self) -> str:
         return f"http://127.0.0.1:{self.router_port}"
 
     def add(self, count: int = 1, wait: bool = True) -> list[Instance]:
-        """Start `count` more servers; the router's ring takes them in (nginx reloads its config)."""
+        """Start `count` more servers; the router's ring takes them in (HAProxy reloads its config)."""
         new = []
         for _ in range(count):
             i = len(self.instances)
@@ -185,6 +192,19 @@ class Cluster:
             time.sleep(0.3)
         raise TimeoutError(f"{inst.name} did not become healthy")
 
+    def wait_uploaded(self, timeout: float = 15.0) -> None:
+        """Until every live server's saves and uploads to the shared tier are done."""
+        deadline = time.monotonic() + timeout
+        for inst in self.instances:
+            if inst.proc is None or inst.proc.poll() is not None:
+                continue
+            while any(inst.metric(f"strata_kv_{q}") for q in ("save_queue_bytes", "ssd_io_queue",
+                                                              "remote_upload_queue")):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("uploads to the shared tier did not drain")
+                time.sleep(0.1)
+        time.sleep(0.5)
+
     def kill(self, inst: Instance) -> None:
         """kill -9: no shutdown, no flush (what a crashed node does)."""
         assert inst.proc is not None
@@ -197,35 +217,46 @@ class Cluster:
         self.wait_ready(inst)
 
     def _write_router(self) -> None:
-        runtime = self.workdir / "nginx"
-        conf = runtime / "nginx.conf"
-        conf.write_text(local([i.port for i in self.instances], self.router_port, runtime, self.upstream_header))
-        if self._nginx is None:
-            stderr = open(runtime / "stderr.log", "ab")  # noqa: SIM115 (the process owns it)
-            self._nginx = subprocess.Popen([nginx_binary(), "-c", str(conf), "-e", str(runtime / "error.log"),
-                                            "-g", "daemon off;"], stderr=stderr)
+        runtime = self.workdir / "router"
+        conf = runtime / "haproxy.cfg"
+        conf.write_text(local([i.port for i in self.instances], self.router_port, self.balance, self.upstream_header))
+        if self._router is None:
+            # Master-worker mode in the foreground: SIGUSR2 makes the master load the config again.
+            out = open(runtime / "haproxy.log", "ab")  # noqa: SIM115 (the process owns it)
+            self._router = subprocess.Popen([haproxy_binary(), "-W", "-db", "-f", str(conf)], stdout=out,
+                                            stderr=subprocess.STDOUT)
             self._wait_router()
         else:
-            subprocess.run([nginx_binary(), "-c", str(conf), "-e", str(runtime / "error.log"), "-s", "reload"],
-                           check=True)
-            time.sleep(1.0)  # the old workers finish; the new ones take the new ring
+            self._router.send_signal(signal.SIGUSR2)
+            time.sleep(1.0)  # the new worker takes the new ring; the old one finishes its streams
 
     def _wait_router(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                httpx.get(self.router_url + "/health", timeout=2)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        runtime = self.workdir / "nginx"
-        raise TimeoutError(f"nginx did not start: {(runtime / 'stderr.log').read_text()[-1000:]}")
+            assert self._router is not None
+            if self._router.poll() is None:
+                try:
+                    httpx.get(self.router_url + "/router/metrics", timeout=2)
+                    return
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.2)
+        raise TimeoutError(f"haproxy did not start: {(self.workdir / 'router' / 'haproxy.log').read_text()[-1000:]}")
+
+    def router_metrics(self) -> dict[tuple[str, str], int]:
+        """strata_router_requests_total by (server, decision)."""
+        counts = {}
+        for line in httpx.get(self.router_url + "/router/metrics", timeout=5).text.splitlines():
+            m = re.match(r'strata_router_requests_total\{server="([^"]+)",decision="([^"]+)"\} (\d+)', line)
+            if m:
+                counts[(m[1], m[2])] = int(m[3])
+        return counts
 
     def stop(self) -> None:
-        if self._nginx is not None:
-            self._nginx.terminate()
-            self._nginx.wait(10)
-            self._nginx = None
+        if self._router is not None:
+            self._router.terminate()
+            self._router.wait(10)
+            self._router = None
         for inst in self.instances:
             if inst.proc is not None and inst.proc.poll() is None:
                 inst.proc.terminate()
@@ -243,7 +274,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8000, help="the router's port")
     ap.add_argument("--workdir", type=Path, default=Path(".cluster"))
     ap.add_argument("--upstream-header", action="store_true",
-                    help="the router answers with X-Strata-Upstream (the servers tried)")
+                    help="the router answers with X-Strata-Upstream (the server that answered)")
+    ap.add_argument("--balance", choices=["bounded", "consistent", "roundrobin"], default="bounded",
+                    help="the router's balancing (default: bounded-load consistent hashing)")
     ap.add_argument("--shared-tier", action="store_true",
                     help="a local redis-server (TLS, password, signed chunks) as every server's --remote-kv")
     ap.add_argument("strata_args", nargs=argparse.REMAINDER, help="after --: flags for every strata server")
@@ -251,13 +284,14 @@ def main() -> None:
     extra = args.strata_args[1:] if args.strata_args[:1] == ["--"] else args.strata_args
     store = RedisServer(args.workdir.resolve() / "redis") if args.shared_tier else None
     cluster = Cluster(args.workdir.resolve(), extra + (store.strata_args() if store else []), args.port,
-                      args.upstream_header)
+                      args.upstream_header, args.balance)
     try:
         print(f"starting {args.instances} strata servers ...", flush=True)
         cluster.add(args.instances)
         for inst in cluster.instances:
             print(f"  {inst.name}: {inst.url} (SSD tier {inst.directory / 'ssd'})", flush=True)
-        print(f"router (nginx, X-Session-ID affinity): {cluster.router_url}/v1  -- Ctrl-C stops", flush=True)
+        print(f"router (HAProxy, {args.balance}): {cluster.router_url}/v1, decisions at "
+              f"{cluster.router_url}/router/metrics  -- Ctrl-C stops", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)

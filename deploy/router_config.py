@@ -1,59 +1,74 @@
-"""Render the router's nginx.conf (deploy/nginx/router.conf.template) for Kubernetes or for one machine.
+"""Render the router's haproxy.cfg (deploy/haproxy/router.cfg.template) for Kubernetes or for one machine.
 
-    python deploy/router_config.py kubernetes --replicas 2 > deploy/kubernetes/router-nginx.conf
+    python deploy/router_config.py kubernetes --replicas 2    # writes deploy/kubernetes/router-haproxy.cfg
+                                                              # and its copy of route_decision.lua
+
+Balancing (`--balance`): `bounded` (the default: consistent hashing of the route key with bounded loads),
+`consistent` (the same ring without the bound) and `roundrobin` (no affinity): the last two exist for
+`make bench-routing`, which compares the three.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parent / "nginx" / "router.conf.template"
+HERE = Path(__file__).resolve().parent
+K8S_DIR = HERE / "kubernetes"  # kustomize reads files only from below it: the Lua file is copied there
+TEMPLATE = HERE / "haproxy" / "router.cfg.template"
+LUA = HERE / "haproxy" / "route_decision.lua"
 K8S_NAMESPACE = "strata"
-# A server that refused or dropped a connection, timed out, or answered 502/503 (dead, draining, not ready)
-# is left out of the ring for 5 s; its sessions go to the next server meanwhile.
-DOWN = "max_fails=1 fail_timeout=5s"
-# The spill ring only ever sees requests some server refused with 429: never mark a server down there.
-SPILL = "max_fails=0"
-# Which server answered (and which were tried before), for tests and debugging only: it tells clients the
-# pods' addresses.
-UPSTREAM_HEADER = "        add_header X-Strata-Upstream $upstream_addr always;\n"
+K8S_LUA_PATH = "/usr/local/etc/haproxy/route_decision.lua"
+# No server carries more than 1.5x the mean of the requests in flight (HAProxy's recommended range is
+# 125-200: lower spreads more sessions away from their KV, higher tolerates more imbalance).
+BALANCE_FACTOR = 150
+BALANCE = {
+    "bounded": f"    balance hdr(X-Strata-Route-Key)\n    hash-type consistent\n"
+               f"    hash-balance-factor {BALANCE_FACTOR}",
+    "consistent": "    balance hdr(X-Strata-Route-Key)\n    hash-type consistent",
+    "roundrobin": "    balance roundrobin",
+}
+# Which server answered, for tests and debugging only: it tells clients the pods' addresses.
+UPSTREAM_HEADER = "    http-response set-header X-Strata-Upstream %si:%sp"
 
 
-def render(servers: list[str], listen: str, runtime_dir: str, error_log: str, access_log: str,
-           resolver: str | None = None, upstream_header: bool = False) -> str:
-    """`servers` are addresses (with `resolve` where nginx re-resolves them while it runs, which needs a
-    resolver and a shared-memory zone)."""
-    text = TEMPLATE.read_text()
+def render(servers: list[str], listen: str, lua_file: str, resolvers: str = "", server_options: str = "",
+           balance: str = "bounded", upstream_header: bool = False) -> str:
+    """`servers` are addresses; server i is named strata-i (the name the decision metric reports)."""
     values = {
-        "SERVERS": "\n".join(f"        server {s} {DOWN};" for s in servers),
-        "SPILL_SERVERS": "\n".join(f"        server {s} {SPILL};" for s in servers),
+        "LUA_FILE": lua_file,
         "LISTEN": listen,
-        "RUNTIME_DIR": runtime_dir,
-        "ERROR_LOG": error_log,
-        "ACCESS_LOG": access_log,
-        "RESOLVER": f"    resolver {resolver} valid=10s;" if resolver else "",
-        "ZONE": "        zone strata 1m;" if resolver else "",
-        "SPILL_ZONE": "        zone strata_spill 1m;" if resolver else "",
+        "RESOLVERS": resolvers,
+        "BALANCE": BALANCE[balance],
+        "SERVER_OPTIONS": server_options,
         "UPSTREAM_HEADER": UPSTREAM_HEADER if upstream_header else "",
+        "SERVERS": "\n".join(f"    server strata-{i} {address}" for i, address in enumerate(servers)),
     }
+    text = TEMPLATE.read_text()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
     return text
 
 
 def kubernetes(replicas: int, upstream_header: bool = False) -> str:
-    """The StatefulSet's pods by their stable names; `resolve` (nginx >= 1.27.3) follows a restarted pod's
-    new address and lets the router start before every pod exists."""
-    pods = [f"strata-{i}.strata.{K8S_NAMESPACE}.svc.cluster.local:8000 resolve" for i in range(replicas)]
-    return render(pods, "8080", "/tmp", "/dev/stderr", "/dev/stdout",
-                  resolver="kube-dns.kube-system.svc.cluster.local", upstream_header=upstream_header)
+    """The StatefulSet's pods by their stable names, re-resolved while the router runs (a restarted pod's
+    new address; `init-addr none` lets the router start before every pod exists)."""
+    pods = [f"strata-{i}.strata.{K8S_NAMESPACE}.svc.cluster.local:8000" for i in range(replicas)]
+    resolvers = "resolvers cluster_dns\n    parse-resolv-conf\n    hold valid 10s\n"
+    return render(pods, ":8080", K8S_LUA_PATH, resolvers, "resolvers cluster_dns init-addr none",
+                  upstream_header=upstream_header)
 
 
-def local(ports: list[int], listen_port: int, runtime_dir: Path, upstream_header: bool = False) -> str:
-    """Servers on loopback (make cluster, the tests)."""
-    return render([f"127.0.0.1:{p}" for p in ports], f"127.0.0.1:{listen_port}", str(runtime_dir),
-                  str(runtime_dir / "error.log"), str(runtime_dir / "access.log"), upstream_header=upstream_header)
+def local(ports: list[int], listen_port: int, balance: str = "bounded", upstream_header: bool = False) -> str:
+    """Servers on loopback (make cluster, the tests, the routing benchmark)."""
+    return render([f"127.0.0.1:{p}" for p in ports], f"127.0.0.1:{listen_port}", str(LUA), balance=balance,
+                  upstream_header=upstream_header)
+
+
+def write_kubernetes(replicas: int, directory: Path = K8S_DIR, upstream_header: bool = False) -> None:
+    (directory / "router-haproxy.cfg").write_text(kubernetes(replicas, upstream_header))
+    shutil.copyfile(LUA, directory / "router-route_decision.lua")
 
 
 def main() -> None:
@@ -61,9 +76,9 @@ def main() -> None:
     ap.add_argument("target", choices=["kubernetes"])
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--upstream-header", action="store_true",
-                    help="answer with X-Strata-Upstream (the pod addresses tried): for debugging only")
+                    help="answer with X-Strata-Upstream (the pod address that answered): for debugging only")
     args = ap.parse_args()
-    print(kubernetes(args.replicas, args.upstream_header), end="")
+    write_kubernetes(args.replicas, upstream_header=args.upstream_header)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """deploy/: the Kubernetes manifests render (kubectl kustomize) and validate against the Kubernetes schemas
 (offline), hold what docs/deploy.md says (volumes, probes, grace period, GPUs, the API key's Secret), and
-the router config is the one template, accepted by nginx."""
+the router config is the one template, accepted by HAProxy."""
 
 from __future__ import annotations
 
@@ -234,24 +234,28 @@ def test_every_config_and_secret_a_pod_names_is_rendered():
             assert (kind, node[key]) in _by_name(docs), (name, kind, node[key])
 
 
-def test_router_hashes_sessions_over_every_pod():
+def test_router_hashes_sessions_over_every_pod(tmp_path: Path):
     docs = _rendered()
     replicas = _one(docs, "StatefulSet", "strata")["spec"]["replicas"]
-    conf = _one(docs, "ConfigMap", "strata-router")["data"]["nginx.conf"]
-    assert conf == router_config.kubernetes(replicas), "run: python deploy/router_config.py kubernetes"
-    assert "hash $strata_route consistent;" in conf and "proxy_buffering off;" in conf
+    data = _one(docs, "ConfigMap", "strata-router")["data"]
+    router_config.write_kubernetes(replicas, tmp_path)
+    assert data["haproxy.cfg"] == (tmp_path / "router-haproxy.cfg").read_text(), \
+        "run: python deploy/router_config.py kubernetes --replicas N"
+    assert data["route_decision.lua"] == router_config.LUA.read_text()
+    conf = data["haproxy.cfg"]
+    assert "hash-type consistent" in conf and f"hash-balance-factor {router_config.BALANCE_FACTOR}" in conf
     assert [f"strata-{i}.strata.strata.svc.cluster.local:8000" in conf for i in range(replicas)] == [True] * replicas
-    assert (K8S / "router-nginx.conf").read_text() == conf
+    assert f"lua-load {router_config.K8S_LUA_PATH}" in conf
 
 
-def test_the_local_router_config_is_accepted_by_nginx(tmp_path: Path):
-    from cluster import nginx_binary
+@pytest.mark.parametrize("balance", sorted(router_config.BALANCE))
+def test_the_local_router_config_is_accepted_by_haproxy(tmp_path: Path, balance: str):
+    from cluster import haproxy_binary
 
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(router_config.local([18001, 18002, 18003], 18000, tmp_path))
-    r = subprocess.run([nginx_binary(), "-t", "-c", str(conf), "-e", str(tmp_path / "error.log")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    conf = tmp_path / "haproxy.cfg"
+    conf.write_text(router_config.local([18001, 18002, 18003], 18000, balance))
+    r = subprocess.run([haproxy_binary(), "-c", "-f", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _pod_specs(docs: list[dict]) -> dict[str, dict]:
@@ -322,17 +326,19 @@ def test_network_policies_admit_only_the_router_to_strata_and_only_strata_to_red
         assert rule["ports"] == [{"protocol": "TCP", "port": port}], policy
 
 
-def test_upstream_header_only_when_asked_for(tmp_path: Path):
+def test_upstream_header_only_when_asked_for():
     """X-Strata-Upstream names pod addresses: never in the committed config, only where a test asks."""
-    assert "X-Strata-Upstream" not in (K8S / "router-nginx.conf").read_text()
-    assert "X-Strata-Upstream" not in router_config.local([18001], 18000, tmp_path)
-    assert "add_header X-Strata-Upstream $upstream_addr always;" in router_config.kubernetes(2, upstream_header=True)
+    assert "X-Strata-Upstream" not in (K8S / "router-haproxy.cfg").read_text()
+    assert "X-Strata-Upstream" not in router_config.local([18001], 18000)
+    assert "set-header X-Strata-Upstream %si:%sp" in router_config.kubernetes(2, upstream_header=True)
 
 
 def test_router_closes_idle_connections_before_strata_does():
     from strata.server.http_server import KEEP_ALIVE_S
 
-    conf = (K8S / "router-nginx.conf").read_text()
-    timeouts = [int(t) for t in re.findall(r"keepalive_timeout (\d+)s;", conf)]
-    assert len(timeouts) == conf.count("\n    upstream ") == 2
-    assert max(timeouts) < KEEP_ALIVE_S
+    conf = (K8S / "router-haproxy.cfg").read_text()
+    (client_idle,) = re.findall(r"timeout http-keep-alive (\d+)s", conf)
+    (server_idle,) = re.findall(r"pool-purge-delay (\d+)s", conf)
+    assert int(client_idle) < KEEP_ALIVE_S and int(server_idle) < KEEP_ALIVE_S
+    # A request on a kept-alive connection that the server closed at that moment is tried again.
+    assert "retry-on conn-failure empty-response" in conf

@@ -1,5 +1,5 @@
-"""Stored responses behave like a service behind the router: three real strata servers behind real nginx
-sharing a real (TLS, password) redis-server; a response created through nginx without any session header
+"""Stored responses behave like a service behind the router: three real strata servers behind real HAProxy
+sharing a real (TLS, password) redis-server; a response created through the router without any session header
 is retrieved from every server, continued from another server with its KV from the shared tier
 (cached_tokens > 0), continued again after a kill -9 of the server that made it, and once deleted is gone
 on every server."""
@@ -7,7 +7,6 @@ on every server."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,27 +14,9 @@ import pytest
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
-from cluster import Cluster, Instance, RedisServer, answered_by  # noqa: E402
+from cluster import Cluster, RedisServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _metric(inst: Instance, name: str) -> float:
-    for line in httpx.get(inst.url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
-
-
-def _uploaded(instances: list[Instance], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    for inst in instances:
-        if inst.proc is None or inst.proc.poll() is not None:
-            continue
-        while any(_metric(inst, f"strata_kv_{q}") for q in ("save_queue_bytes", "ssd_io_queue", "remote_upload_queue")):
-            assert time.monotonic() < deadline, "uploads to the shared tier did not drain"
-            time.sleep(0.1)
-    time.sleep(0.5)
 
 
 def test_responses_live_across_servers(tmp_path: Path):
@@ -51,8 +32,8 @@ def test_responses_live_across_servers(tmp_path: Path):
         raw = router.responses.with_raw_response.create(model=model, input="Tell me about the moon.",
                                                         max_output_tokens=24, temperature=0)
         first = raw.parse()
-        maker = by_address[answered_by(raw.headers["x-strata-upstream"])]
-        _uploaded(cluster.instances)
+        maker = by_address[raw.headers["x-strata-upstream"]]
+        cluster.wait_uploaded()
 
         # Every server answers a retrieve (straight to each, then through the router without a header).
         for inst in cluster.instances:
@@ -66,7 +47,7 @@ def test_responses_live_across_servers(tmp_path: Path):
         second = direct.responses.create(model=model, previous_response_id=first.id, input="How far away is it?",
                                          max_output_tokens=24, temperature=0)
         assert second.usage.input_tokens_details.cached_tokens > 0
-        _uploaded(cluster.instances)
+        cluster.wait_uploaded()
 
         # The server that made the first response dies; the chain goes on through the router.
         cluster.kill(maker)

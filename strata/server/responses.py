@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -37,6 +39,20 @@ from strata.server.sse import EventStream
 from strata.server.state import ServerState
 from strata.server.tool_calls import ToolCallStream, new_call_id, parse_tool_output
 from strata.server.tools import ToolPlan
+
+ROUTE_KEY_HEADER = "x-strata-route-key"
+_ROUTE_KEY = re.compile(r"[0-9a-f]{16}")
+
+
+def new_response_id(headers: Headers, previous_response_id: str | None) -> str:
+    """resp_<route key><64 random bits>. The router (deploy/haproxy) hashes a request's route key onto its ring
+    and, for a request without a session header, reads the key back out of previous_response_id: a chain of
+    responses then stays on one server without any header. The key is the one the router sent this request
+    by, else the chain's own, else a fresh one."""
+    for key in (headers.get(ROUTE_KEY_HEADER, ""), (previous_response_id or "")[5:21]):
+        if _ROUTE_KEY.fullmatch(key):
+            return f"resp_{key}{secrets.token_hex(8)}"
+    return f"resp_{secrets.token_hex(16)}"
 
 
 def _not_found(response_id: str, param: str | None = None) -> APIError:
@@ -131,7 +147,7 @@ class Responses:
             if record is None:
                 raise _not_found(body.previous_response_id, "previous_response_id")
             history, root = record["messages"], record["session"]
-        rid = f"resp_{uuid.uuid4().hex}"
+        rid = new_response_id(headers, body.previous_response_id)
         root = root or rid
         messages = history + _input_messages(body)
         chat = await off_loop(_chat_request, body, messages)  # a long history is validated off the event loop

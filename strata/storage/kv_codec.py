@@ -38,7 +38,7 @@ class KVCodec:
         self.storage_dtype = torch.uint8 if self.packed else dtype
         code_bytes = head_dim // 2 if name == "int4" else head_dim
         self.width = code_bytes + _SCALE_BYTES if self.packed else head_dim  # elements of one stored row
-        self._hadamard = _hadamard(head_dim) if name == "int4" else None
+        self._hadamard = _hadamard(head_dim) if name in ("int4", "int8") else None
 
     @property
     def row_bytes(self) -> int:
@@ -71,6 +71,8 @@ class KVCodec:
         codes, scale = rows[..., :-_SCALE_BYTES], rows[..., -_SCALE_BYTES:].contiguous().view(torch.float32)
         if self.name == "int8":
             x = codes.contiguous().view(torch.int8).float() * scale
+            if self._hadamard is not None:
+                x = x @ self._hadamard
         elif self.name == "fp8":
             x = codes.contiguous().view(torch.float8_e4m3fn).float() * scale
         else:
