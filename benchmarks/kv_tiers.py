@@ -1,16 +1,19 @@
 """Compressed tiers under pressure: the multi-turn chat of benchmarks/multiturn.py with a device pool and a DRAM
-tier too small for every session, once per --kv-tier-dtype, one after the other.
+tier too small for every session, once per --kv-tier-dtype, then vLLM's CPU build with a device pool of the
+same tokens, one after the other.
 
 8 sessions x 6 turns (a 700-900 token document, then questions), greedy answers of at most 32 tokens, think
 times of 8 s, 4 running sequences; device pool 0.15 GiB (~3.4k tokens of SmolLM2 in float32), DRAM tier
 0.1 GiB, SSD tier 4 GiB; the scheduler-aware eviction policy. Per format: bytes of one token in the tiers,
 sessions a GiB of DRAM holds (at the run's mean session length), later turns served from each tier,
-median and p90 TTFT of turns 2+, the whole run.
+median and p90 TTFT of turns 2+, the whole run. vLLM (prefix caching, the same 4 running sequences, every
+core, its recommended allocator: benchmarks/serving.py's launch) keeps KV only in its device pool; its
+later turns count as from hbm when vLLM reports cached tokens, else none.
 
 Writes its section of docs/kv-compression.md.
 
-    python benchmarks/kv_tiers.py                 # model dtype and int8 (make bench-kv-tiers)
-    python benchmarks/kv_tiers.py --formats model int8 fp8 int4
+    python benchmarks/kv_tiers.py                 # model dtype, int8, vLLM (make bench-kv-tiers)
+    python benchmarks/kv_tiers.py --formats model int8 fp8 int4 --no-vllm
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import multiturn  # benchmarks/ is on sys.path when run as a script
+import serving
 from machine import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +37,7 @@ BEGIN, END = "<!-- kv-tiers: begin -->", "<!-- kv-tiers: end -->"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=["model", "int8"])
+    ap.add_argument("--no-vllm", action="store_true", help="strata's formats only")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args(argv)
     run = argparse.Namespace(sessions=8, turns=6, think=8.0, max_num_seqs=4, max_tokens=32, kv_cache_gb=0.15,
@@ -54,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                     + f" | {multiturn.ms(multiturn.median(later))} | {multiturn.ms(multiturn.p90(later))} | "
                     f"{res.wall:.0f} s |")
         print("\n".join(rows), flush=True)
+    if not args.no_vllm:
+        rows.append(vllm_row(run, texts))
+        print("\n".join(rows), flush=True)
     body = "\n".join(rows)
     if not args.no_doc:
         text = DOC.read_text()
@@ -67,6 +75,28 @@ def main(argv: list[str] | None = None) -> int:
             text = text.rstrip() + "\n\n" + section + "\n"
         DOC.write_text(text)
     return 0
+
+
+def vllm_row(run: argparse.Namespace, texts: list[list[str]]) -> str:
+    """vLLM's CPU build on the same conversations, its device pool as many tokens as strata's."""
+    serving.ensure_vllm_venv()
+    m = serving.model()
+    pool_tokens = int(run.kv_cache_gb * 2**30 / serving.kv_bytes_per_token(m.directory, 4))
+    pool_tokens -= pool_tokens % serving.VLLM_BLOCK
+    multiturn.log(f"vLLM: device pool of {pool_tokens} tokens")
+    server = serving.ServerProc(serving.Contender("vllm", "vllm", "DTYPE"), m, "tight", "float32",
+                                serving.RESULTS / "logs" / "vllm-kv-tiers.log",
+                                ["--max-num-seqs", str(run.max_num_seqs)], pool_tokens)
+    try:
+        res = serving.drive_multiturn(f"{server.url}/v1", serving.NAME, texts, run.think, run.max_tokens, "vllm",
+                                      multiturn.log)
+    finally:
+        server.stop()
+    later = [t for t in res.turns if t.turn >= 2]
+    hits = sum(t.cached_tokens > 0 for t in later)
+    return (f"| vLLM (model dtype, device pool only) | {serving.kv_bytes_per_token(m.directory, 4):,} | - | "
+            f"{hits} / - / - / {len(later) - hits} | {multiturn.ms(multiturn.median(later))} | "
+            f"{multiturn.ms(multiturn.p90(later))} | {res.wall:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -222,9 +222,10 @@ class Launch:
         return shlex.join([*(f"{k}={v}" for k, v in self.env.items()), *self.cmd])
 
 
-def launch(c: Contender, m: Model, port: int, regime: str, dtype: str, extra_args: list[str] | None = None) -> Launch:
-    """The exact server command of one contender; regime 'tight' shrinks the device pool to ~11.5k tokens;
-    extra_args go at the end of strata's command (e.g. an SSD tier)."""
+def launch(c: Contender, m: Model, port: int, regime: str, dtype: str, extra_args: list[str] | None = None,
+           pool_tokens: int = TIGHT_TOKENS) -> Launch:
+    """The exact server command of one contender; regime 'tight' shrinks the device pool to pool_tokens
+    (~11.5k tokens); extra_args go at the end of the command (strata's or vLLM's)."""
     dtype_bytes = 2 if dtype == "bfloat16" else 4
     if c.kind == "strata":
         cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "strata", "serve", "--model", str(m.gguf),
@@ -232,7 +233,7 @@ def launch(c: Contender, m: Model, port: int, regime: str, dtype: str, extra_arg
         if c.quantization != "none":
             cmd += ["--quantization", c.quantization]
         if regime == "tight":
-            cmd += ["--kv-cache-gb", str(strata_kv_gb(m.directory, TIGHT_TOKENS, dtype_bytes))]
+            cmd += ["--kv-cache-gb", str(strata_kv_gb(m.directory, pool_tokens, dtype_bytes))]
         return Launch([*cmd, *(extra_args or [])], {})
     if c.kind == "llama":
         return Launch(llama_cpp.server_cmd(m.llama_files[c.gguf], port, slots=LLAMA_SLOTS), {})
@@ -240,7 +241,8 @@ def launch(c: Contender, m: Model, port: int, regime: str, dtype: str, extra_arg
            "--served-model-name", NAME, "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype,
            "--enable-prefix-caching", "--enable-prompt-tokens-details"]
     if regime == "tight":
-        cmd += ["--block-size", str(VLLM_BLOCK), "--num-gpu-blocks-override", str(TIGHT_TOKENS // VLLM_BLOCK)]
+        cmd += ["--block-size", str(VLLM_BLOCK), "--num-gpu-blocks-override", str(pool_tokens // VLLM_BLOCK)]
+    cmd += extra_args or []
     cores = os.cpu_count() or 1
     env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
            # Every core computes (its default keeps one for the front end): the peer at its best.
@@ -254,10 +256,10 @@ class ServerProc:
     """A server in its own process group (vLLM forks an engine core), its output in a log file."""
 
     def __init__(self, c: Contender, m: Model, regime: str, dtype: str, logfile: Path,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, pool_tokens: int = TIGHT_TOKENS) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.launch = launch(c, m, self.port, regime, dtype, extra_args)
+        self.launch = launch(c, m, self.port, regime, dtype, extra_args, pool_tokens)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         log(f"{c.name}: starting ({regime}); log {logfile.relative_to(REPO)}")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.launch.env}

@@ -8,7 +8,7 @@ import os
 import sys
 
 from strata import __version__
-from strata.storage.kv_codec import FORMATS
+from strata.storage.kv_codec import DEFAULT_FORMAT, FORMATS
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +37,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="turn KV reuse off (session tiers and the device prefix cache): every request "
                         "recomputes its whole prompt")
     p.add_argument("--dram-kv-gb", type=float, default=1.0, help="host-memory (DRAM) tier for session KV, in GiB")
-    p.add_argument("--kv-tier-dtype", default="model", choices=FORMATS,
-                   help="how the DRAM, SSD and shared tiers store session KV: the model dtype, or quantized per "
-                        "token and head (int8, fp8, int4: more sessions per GB; docs/kv-compression.md)")
+    p.add_argument("--kv-tier-dtype", default=DEFAULT_FORMAT, choices=FORMATS,
+                   help="how the DRAM, SSD and shared tiers store session KV: quantized per token and head (int8, "
+                        "the default: 1.9x the sessions per GB of bfloat16, 3.8x of float32; fp8; int4) or the "
+                        "model dtype (lossless); docs/kv-compression.md")
     p.add_argument("--ssd-dir", default=None,
                    help="directory of the SSD tier (chunk files that survive restarts); unset: no SSD tier")
     p.add_argument("--ssd-kv-gb", type=float, default=8.0, help="disk budget of the SSD tier, in GiB")

@@ -1,6 +1,6 @@
 """--kv-tier-dtype: a session saved and reloaded through each tier format (DRAM, then SSD after a restart)
-gives log-probs within the format's tolerance of recomputation, and for int8 the same greedy tokens; the
-codecs round-trip within their bounds and the tiers count compressed bytes."""
+gives log-probs within the format's tolerance of recomputation, and for the default (int8) the same greedy
+tokens; the codecs round-trip within their bounds and the tiers count compressed bytes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from strata.engine.config import EngineConfig
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.request import Request
 from strata.engine.sampling_params import SamplingParams
-from strata.storage.kv_codec import FORMATS, KVCodec
+from strata.storage.kv_codec import DEFAULT_FORMAT, FORMATS, KVCodec
 
 # Max |log-prob difference| of recomputation's most likely token at every position generated alike (SmolLM2,
 # float32), and
@@ -33,6 +33,16 @@ def test_a_codec_round_trips_within_its_bound(fmt):
     assert back.dtype == torch.float32 and bool((back[0, 0, 5] == 0).all())
     assert ((back - x).norm() / x.norm()).item() <= ROUND_TRIP[fmt]
     assert torch.equal(codec.decode(stored[:, :, 10:20]), back[:, :, 10:20])  # rows slice as tokens
+
+
+@pytest.mark.parametrize("head_dim", [96, 256])
+def test_the_rotation_fits_any_head_dim(head_dim):
+    """Rotated formats turn blocks of the largest power of two dividing head_dim (Phi-3's 96: three of 32)."""
+    x = torch.randn(7, 2, head_dim, generator=torch.Generator().manual_seed(1))
+    x[..., 3] *= 40  # an outlier channel, as keys have: the rotation spreads it over its block
+    for fmt in ("int8", "int4"):
+        codec = KVCodec(fmt, torch.float32, head_dim)
+        assert ((codec.decode(codec.encode(x)) - x).norm() / x.norm()).item() <= ROUND_TRIP[fmt]
 
 
 def answer(engine: LLMEngine, rid: str, ids: list[int], key: str | None) -> tuple[list[int], list, str | None]:
@@ -67,12 +77,12 @@ def worst_difference(got: list, want: list) -> float:
 def next_turn_matches_recomputation(engine: LLMEngine, reference: LLMEngine, rid: str, ids: list[int], tier: str,
                                     fmt: str) -> list[int]:
     """The session's next turn comes from `tier` and matches recomputation within the format's tolerance
-    (model and int8: the same greedy tokens); returns its tokens."""
+    (the lossless and the default format: the same greedy tokens); returns its tokens."""
     got, got_lp, got_tier = answer(engine, rid, ids, "s")
     want, want_lp, _ = answer(reference, f"ref-{rid}", ids, None)
     assert got_tier == tier
     assert worst_difference(got_lp, want_lp) <= LOGPROB_TOLERANCE[fmt]
-    if fmt in ("model", "int8"):
+    if fmt in ("model", DEFAULT_FORMAT):
         assert got == want
     return got
 

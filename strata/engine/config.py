@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from strata.storage.kv_codec import DEFAULT_FORMAT
+
 
 @dataclass
 class EngineConfig:
@@ -26,7 +28,7 @@ class EngineConfig:
     eviction_policy: str = "scheduler"  # or "lru"
     session_ttl_s: float = 3600.0
     kv_chunk_tokens: int = 256
-    kv_tier_dtype: str = "model"  # how the DRAM/SSD/shared tiers store KV (storage/kv_codec.py): model, int8, fp8, int4
+    kv_tier_dtype: str = DEFAULT_FORMAT  # how the DRAM/SSD/shared tiers store KV (storage/kv_codec.py)
     kv_load_timeout_s: float = 10.0  # a history layer that takes longer is recomputed instead (counted)
     remote_kv: str | None = None  # the shared KV tier (redis:// or rediss://HOST:PORT/DB); needs ssd_dir
     remote_kv_timeout_s: float = 0.5  # per call to it: slower counts as down (recompute)
