@@ -7,7 +7,7 @@ STAMP := $(VENV)/.strata-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-shared-prefix bench-models bench-kv-quality bench-kv-tiers bench-quant bench-dtype bench-cluster bench-gpu cluster services clean
+.PHONY: serve test test-fast test-gpu lint bench bench-engine bench-multiturn bench-adaskip bench-soak bench-serving bench-shared-prefix bench-models bench-kv-quality bench-kv-tiers bench-quant bench-dtype bench-cluster bench-routing bench-gpu cluster services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -92,6 +92,10 @@ bench-quant: $(STAMP)
 
 bench-cluster: $(STAMP) services
 	$(PY) benchmarks/cluster.py $(ARGS)
+
+# Bounded-load routing against plain consistent hashing and round robin on a skewed multi-turn replay.
+bench-routing: $(STAMP) services
+	$(PY) benchmarks/routing.py $(ARGS)
 
 bench-dtype: $(STAMP)
 	$(PY) benchmarks/dtype_agreement.py $(ARGS)

@@ -2,13 +2,13 @@
 
 Run: `make bench-cluster` or `python benchmarks/cluster.py [--instances 3] [--sessions 12] [--turns 4]`.
 
-N strata servers (small device pools, their own SSD tiers) behind the real nginx router of deploy/ (`make
+N strata servers (small device pools, their own SSD tiers) behind the real HAProxy router of deploy/ (`make
 cluster`'s setup). S chat sessions of T turns (a 300-400 token document passage, then short questions;
 greedy answers of at most 24 tokens; the sessions run concurrently, each sending its next turn when the
 last one ended) go through the router in four runs, each against fresh servers:
 
 * affinity: every request carries X-Session-ID, hashed consistently to one server;
-* no affinity: the session goes as `prompt_cache_key` in the body, which nginx cannot see: each turn lands
+* no affinity: the session goes as `prompt_cache_key` in the body, which the router cannot see: each turn lands
   on any server, and reuses the session's KV only where it lands on the server that served the last turn;
 * kill: affinity, and one server is killed (-9) after every session's second turn and not restarted; its
   sessions' later turns go to the others;
@@ -38,7 +38,7 @@ from openai import OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "deploy"))
-from cluster import Cluster, RedisServer, answered_by  # noqa: E402
+from cluster import Cluster, RedisServer  # noqa: E402
 
 DOC = REPO / "docs" / "deploy.md"
 SECTION = "## Measured (make bench-cluster)"
@@ -79,7 +79,7 @@ def one_turn(client: OpenAI, model: str, session: int, messages: list[dict], aff
             parts.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             cached = chunk.usage.prompt_tokens_details.cached_tokens or 0
-    upstream = answered_by(raw.headers.get("x-strata-upstream", ""))
+    upstream = raw.headers.get("x-strata-upstream", "")
     return "".join(parts), Turn(session, len(messages) // 2, ttft or time.perf_counter() - t0, cached, upstream)
 
 
@@ -91,7 +91,7 @@ def run(name: str, args: argparse.Namespace, texts: list[list[str]], workdir: Pa
                       upstream_header=True)
     result = RunResult(name)
     try:
-        log(f"{name}: starting {args.instances} servers and nginx")
+        log(f"{name}: starting {args.instances} servers and the router")
         cluster.add(args.instances)
         client = OpenAI(base_url=cluster.router_url + "/v1", api_key="unused", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
@@ -166,7 +166,7 @@ def write_doc(results: list[RunResult], args: argparse.Namespace, argv: list[str
             lines.append(f"| {r.name}: the killed server's sessions, turns 3+ | {hit} | {ttft} | |")
     command = " ".join(["python benchmarks/cluster.py", *argv])
     lines += ["", f"Command: `{command}` (`make bench-cluster`), "
-              f"run {datetime.date.today().isoformat()} on {cpu_name()} ({args.instances} servers and nginx on one "
+              f"run {datetime.date.today().isoformat()} on {cpu_name()} ({args.instances} servers and HAProxy on one "
               f"machine; {args.sessions} sessions x {args.turns} turns, concurrent; --dtype {args.dtype}, "
               f"--kv-cache-gb {args.kv_cache_gb} per server).",
               "Without affinity a turn reuses its session's KV only when it lands where the last one was "

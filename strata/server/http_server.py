@@ -27,9 +27,10 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-# Seconds an idle kept-alive connection stays open. Longer than the router's upstream keepalive_timeout
-# (60 s, deploy/nginx/router.conf.template), so the proxy always closes an idle connection first and never
-# sends a request on one the server is closing (uvicorn's default, 5 s, raced nginx's 60 s).
+# Seconds an idle kept-alive connection stays open. Longer than the router keeps idle connections
+# (deploy/haproxy/router.cfg.template: half of them closed every 5 s, clients' after 60 s), so the proxy
+# closes an idle connection first and rarely sends a request on one the server is closing (uvicorn's
+# default, 5 s, raced a 60 s proxy all the time).
 KEEP_ALIVE_S = 75
 
 
