@@ -16,6 +16,13 @@ import pytest
 import torch
 
 from strata.engine.weights.model_files import ModelFiles, resolve_model
+from strata.storage.kv_codec import DEFAULT_FORMAT, KVCodec
+
+# Bytes of one SmolLM2 token's KV (30 layers, K and V, 3 KV heads of 64) at float32 (the device pool, and the
+# tiers with --kv-tier-dtype model), and in the tiers at the default tier format: what tests size pools and
+# tier budgets by.
+POOL_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
+TIER_BYTES_PER_TOKEN = 30 * 2 * 3 * KVCodec(DEFAULT_FORMAT, torch.float32, 64).row_bytes
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -9,6 +9,7 @@ from strata.engine.config import EngineConfig
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.request import Request
 from strata.engine.sampling_params import SamplingParams
+from tests.conftest import POOL_BYTES_PER_TOKEN
 
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 QUESTIONS = ["Tell me a joke.", "What is 2+2?", "Name three colors.", "Why is the sky blue?",
@@ -47,7 +48,8 @@ def test_batch_chunking_and_preemption_do_not_change_greedy_output(engine):
 
     # A tiny pool and budget force chunked prefill and preemption (recompute): two sequences of
     # about 36 + 40 tokens need 5 blocks of 16 each, and the pool holds 8.
-    small = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=8 * 16 * 46080 / 2**30, max_num_batched_tokens=24))
+    small = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=8 * 16 * POOL_BYTES_PER_TOKEN / 2**30,
+                                   max_num_batched_tokens=24))
     assert small.pool.num_blocks == 8 * small.pool.num_layers
     pair = prompts[:2]
     ref = {f"q{i}": run(engine, [Request(f"q{i}", p, greedy(40, ignore_eos=True))])[f"q{i}"][0]

@@ -14,6 +14,7 @@ import torch
 from strata.engine.models.llama import LlamaModel
 from strata.engine.weights.model_files import resolve_model
 from strata.engine.weights.quality import log_probs
+from strata.storage.kv_codec import DEFAULT_FORMAT, KVCodec
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -85,7 +86,8 @@ def test_greedy_through_the_server_and_a_session_from_dram(gemma, tmp_path):
         assert text2 == tok.decode(greedy(ref, second), skip_special_tokens=True)
         # Stored: the 3 global layers of 18 for whole chunks a window (512) before the end, all 18 after.
         info = httpx.get(srv.base_url + "/v1/sessions/river", timeout=30).json()
-        n, per_layer_token = info["tokens"], 2 * 256 * 4  # K and V of one kv head of 256 dims, float32
+        # K and V of one kv head of 256 dims, as the default tier format stores them (int8 codes and a scale)
+        n, per_layer_token = info["tokens"], 2 * KVCodec(DEFAULT_FORMAT, torch.float32, 256).row_bytes
         trimmed = (n - 512 + 1) // 256
         want = per_layer_token * (trimmed * 256 * 3 + (n - trimmed * 256) * 18)
         assert trimmed >= 1 and want <= info["dram_bytes"] <= want + per_layer_token * 256 * 18, (info, want)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, started
+from tests.conftest import POOL_BYTES_PER_TOKEN, ServerProcess, started
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -37,8 +37,9 @@ def servers(tmp_path_factory):
     procs = {
         # A small device pool and DRAM tier: histories come back from DRAM and SSD, not only HBM (the device
         # pool holds about 930 tokens: fewer than the twelve histories of test_tier_loads_racing_aborts).
+        # Lossless tiers: recomputation is the exact oracle of every reply.
         "on": ServerProcess("--kv-cache-gb", "0.04", "--dram-kv-gb", "0.02", "--ssd-dir", str(tmp / "ssd"),
-                            "--max-model-len", "2048", log=tmp / "on.log"),
+                            "--max-model-len", "2048", "--kv-tier-dtype", "model", log=tmp / "on.log"),
         "off": ServerProcess("--no-session-cache", "--kv-cache-gb", "0.2", "--max-model-len", "2048",
                              log=tmp / "off.log"),
     }
@@ -123,8 +124,8 @@ def loads_racing_aborts(tmp_path, device: str | None = None, slow_copy: object =
     from strata.engine.sampling_params import SamplingParams
     from tests.test_sessions import answer
 
-    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=600 * 46080 / 2**30,
-                       kv_chunk_tokens=32, device=device)
+    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), kv_tier_dtype="model",
+                       dram_kv_gb=600 * POOL_BYTES_PER_TOKEN / 2**30, kv_chunk_tokens=32, device=device)
     engine = LLMEngine(cfg)
     reference = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, session_cache=False, device=device))
     prompts = {}

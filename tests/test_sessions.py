@@ -15,7 +15,7 @@ from strata.engine.config import EngineConfig
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.request import Request
 from strata.engine.sampling_params import SamplingParams
-from tests.conftest import ServerProcess
+from tests.conftest import TIER_BYTES_PER_TOKEN, ServerProcess
 
 TURNS = ["Tell me about the moon.", "How far away is it?", "Who walked on it first?", "What is it made of?",
          "Thank you! Summarize our chat."]
@@ -42,8 +42,8 @@ def reference():
 @pytest.mark.slow
 def test_every_tier_serves_what_recomputation_serves(tmp_path, reference):
     """Two interleaved sessions; DRAM holds about one, so the other is read back from SSD; then a restart."""
-    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=256 * 46080 / 2**30,
-                       kv_chunk_tokens=32)
+    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path),
+                       dram_kv_gb=256 * TIER_BYTES_PER_TOKEN / 2**30, kv_chunk_tokens=32)
     engine = LLMEngine(cfg)
     histories = {"a": [], "b": []}
     tiers_seen: set[str] = set()
@@ -135,7 +135,7 @@ def test_corrupt_and_foreign_chunks_are_never_served(tmp_path, reference, model_
 
 
 def test_capacities_hold_under_many_sessions(tmp_path):
-    dram, ssd_bytes = 300 * 46080, 1500 * 46080
+    dram, ssd_bytes = 300 * TIER_BYTES_PER_TOKEN, 1500 * TIER_BYTES_PER_TOKEN
     engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.05, ssd_dir=str(tmp_path), dram_kv_gb=dram / 2**30,
                                     ssd_kv_gb=ssd_bytes / 2**30, kv_chunk_tokens=32))
     for s in range(10):

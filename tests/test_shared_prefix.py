@@ -105,8 +105,9 @@ def test_sharing_across_sessions_tenants_deletion_and_divergence(servers):
 def test_kill_9_and_restart_keep_the_sharing_from_ssd(tmp_path, servers):
     _, off = servers
     oracle = client(off, "key-a")
-    # DRAM smaller than the shared prefix: it lives on SSD.
-    args = ("--kv-cache-gb", "0.1", "--api-key", "key-a", "--ssd-dir", str(tmp_path / "ssd"), "--dram-kv-gb", "0.02")
+    # DRAM smaller than the shared prefix: it lives on SSD. Lossless tiers: recomputation is the exact oracle.
+    args = ("--kv-cache-gb", "0.1", "--api-key", "key-a", "--ssd-dir", str(tmp_path / "ssd"), "--dram-kv-gb", "0.02",
+            "--kv-tier-dtype", "model")
     srv = ServerProcess(*args, log=tmp_path / "on.log")
     try:
         srv.wait_ready()

@@ -20,7 +20,7 @@ from strata.engine.skip.calibrate import run_calibration
 from strata.engine.skip.policy import make_policy
 from strata.engine.skip.profile import PROFILE_FILE, SkipProfile
 from strata.engine.skip_setup import load_profile
-from tests.conftest import ServerProcess, started
+from tests.conftest import POOL_BYTES_PER_TOKEN, ServerProcess, started
 
 QUESTION = [{"role": "user", "content": "Tell me about the moon."}]
 TURN_2 = "How far away is it?"
@@ -144,8 +144,9 @@ def test_preempted_skipping_sequences_recompute_to_the_same_output(engine, model
     reqs = lambda: [Request(f"q{i}", p, greedy(40), skip=s)  # noqa: E731
                     for i, (p, s) in enumerate(zip(prompts, specs, strict=True))]
     ref = run(engine, reqs())
-    small = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs[0]), kv_cache_gb=8 * 16 * 46080 / 2**30,
-                                   max_num_batched_tokens=24, session_cache=False))
+    small = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs[0]),
+                                   kv_cache_gb=8 * 16 * POOL_BYTES_PER_TOKEN / 2**30, max_num_batched_tokens=24,
+                                   session_cache=False))
     seqs: dict[str, Sequence] = {}
     squeezed = run(small, reqs(), seqs)
     assert small.stats.preemptions > 0

@@ -73,8 +73,9 @@ def test_a_session_continues_from_windowed_kv_in_dram_and_on_ssd(gemma_dir, tmp_
     tokenizer = AutoTokenizer.from_pretrained(gemma_dir)
     ssd = tmp_path / "ssd"
     # A pool of ~200 blocks (one session's history and the next one's prefill), prefill in 128-token steps.
+    # Lossless tiers: transformers is the exact oracle, and the stored bytes are the model dtype's.
     flags = ("--model", str(gemma_dir), "--kv-cache-gb", "0.0016", "--max-num-batched-tokens", "128",
-             "--ssd-dir", str(ssd))
+             "--ssd-dir", str(ssd), "--kv-tier-dtype", "model")
 
     def turn(srv: ServerProcess, prompt: list[int], session: str) -> tuple[list[int], int, str]:
         c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=300)

@@ -9,7 +9,7 @@ import torch
 
 from strata.engine.config import EngineConfig
 from strata.engine.llm_engine import LLMEngine
-from tests.conftest import ServerProcess
+from tests.conftest import TIER_BYTES_PER_TOKEN, ServerProcess
 from tests.test_sessions import TURNS, answer, chat
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
@@ -22,8 +22,8 @@ def on_gpu(monkeypatch):
 
 def test_every_tier_on_gpu_serves_what_recomputation_serves(tmp_path, on_gpu):
     reference = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1, session_cache=False))
-    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path), dram_kv_gb=256 * 46080 / 2**30,
-                       kv_chunk_tokens=32)
+    cfg = EngineConfig(dtype="float32", kv_cache_gb=0.1, ssd_dir=str(tmp_path),
+                       dram_kv_gb=256 * TIER_BYTES_PER_TOKEN / 2**30, kv_chunk_tokens=32)
     engine = LLMEngine(cfg)
     assert engine.pool.kv.is_cuda and engine.store is not None
     histories: dict[str, list[dict[str, str]]] = {"a": [], "b": []}
