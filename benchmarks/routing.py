@@ -3,20 +3,25 @@ and round robin, one after the other, each against fresh servers.
 
 Run: `make bench-routing` or `python benchmarks/routing.py`.
 
-3 strata servers on loopback (each one compute thread, so a server is one core's worth of capacity as a pod
-is one GPU's; small device pools; their own SSD tiers; one shared redis tier) behind the real HAProxy router
-of deploy/ with `--balance bounded`, `consistent` or `roundrobin` (deploy/router_config.py). The replay,
-seeded, the same in each run:
+3 strata servers on loopback (each one compute thread and at most 2 running sequences, so a server has a
+fixed capacity as a GPU pod has; small device pools; their own SSD tiers; one shared redis tier) behind the
+real HAProxy router of deploy/ with `--balance bounded`, `consistent` or `roundrobin`
+(deploy/router_config.py). The replay, seeded, the same in each run:
 
-* busy: 3 long sessions (a 700-900 token document, then 9 questions) with short think times (0.5 s);
-* short: 10 sessions of 3 turns (a 300-400 token document, then questions), think 3 s;
-* shared: 6 sessions behind one long system prompt (~600 tokens) with short questions, 3 turns, think 3 s;
-* chains: 4 Responses chains of 3 calls linked by previous_response_id, without any session header.
+* busy: 4 long sessions (a 500-700 token document, then 7 questions) with short think times (1 s);
+* short: 6 sessions of 3 turns (a 300-400 token document, then questions), think 6 s;
+* shared: 3 sessions behind one long system prompt (~600 tokens) with short questions, 3 turns, think 6 s;
+* chains: 3 Responses chains of 3 calls linked by previous_response_id, without any session header.
 
-Sessions start at seeded times within the first 15 s; answers are greedy, at most 32 tokens, streamed.
-Per run: the whole replay's wall time, p50/p99 TTFT of turns 2+ (client-side, first content token), the
-share of turns 2+ that reused KV and from which tier (X-Cache-Tier), requests per server and the router's
-decisions (its /router/metrics). Writes the section "## Measured (make bench-routing)" of docs/deploy.md.
+Sessions start at seeded times within the first 10 s; answers are greedy, at most 16 tokens, streamed. The
+load keeps the two cores of the machine below saturation, so that a server's own capacity (one thread, two
+sequences) is what a skewed placement runs into.
+
+Each balancing runs --repeats times (2), the balancings taking turns. Per balancing: the whole replay's wall
+time (each run), p50/p99 TTFT of turns 2+ (client-side, first content token; pooled over the runs), the share
+of turns 2+ that reused KV and from which tier (X-Cache-Tier), requests per server (each run) and the
+router's decisions (its /router/metrics, summed). Writes the section "## Measured (make bench-routing)" of
+docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ DOC = REPO / "docs" / "deploy.md"
 SECTION = "## Measured (make bench-routing)"
 BALANCES = ("bounded", "consistent", "roundrobin")
 TIERS = ("hbm", "dram", "ssd", "remote", "none")
-MAX_TOKENS = 32
+MAX_TOKENS = 16
+MAX_NUM_SEQS = 2
 
 
 @dataclass
@@ -85,15 +91,15 @@ def log(msg: str) -> None:
 
 def replay(seed: int = 7) -> list[Session]:
     rng = random.Random(seed)
-    busy = conversations(3, 10, (700, 900), (20, 60))
-    short = conversations(14, 3, (300, 400), (20, 60))
+    busy = conversations(4, 8, (500, 700), (20, 60))
+    short = conversations(9, 3, (300, 400), (20, 60))
     system = conversations(1, 1, (550, 650), (1, 2))[0][0]
-    questions = [t for conv in conversations(6, 3, (40, 80), (20, 40)) for t in conv]
-    sessions = [Session("busy", i, texts, 0.5, rng.uniform(0, 5)) for i, texts in enumerate(busy)]
-    sessions += [Session("short", i, texts, 3.0, rng.uniform(0, 15)) for i, texts in enumerate(short[:10])]
-    sessions += [Session("shared", i, questions[3 * i:3 * i + 3], 3.0, rng.uniform(0, 15),
-                         "You answer questions using this reference:\n\n" + system) for i in range(6)]
-    sessions += [Session("chain", i, texts, 3.0, rng.uniform(0, 15)) for i, texts in enumerate(short[10:])]
+    questions = [t for conv in conversations(3, 3, (40, 80), (20, 40)) for t in conv]
+    sessions = [Session("busy", i, texts, 1.0, rng.uniform(0, 5)) for i, texts in enumerate(busy)]
+    sessions += [Session("short", i, texts, 6.0, rng.uniform(0, 10)) for i, texts in enumerate(short[:6])]
+    sessions += [Session("shared", i, questions[3 * i:3 * i + 3], 6.0, rng.uniform(0, 10),
+                         "You answer questions using this reference:\n\n" + system) for i in range(3)]
+    sessions += [Session("chain", i, texts, 6.0, rng.uniform(0, 10)) for i, texts in enumerate(short[6:])]
     return sessions
 
 
@@ -124,10 +130,12 @@ def response_turn(client: OpenAI, model: str, s: Session, text: str, previous: s
     for event in raw.parse():
         if event.type == "response.output_text.delta" and ttft is None:
             ttft = time.perf_counter() - t0
-        if event.type == "response.completed":
+        if event.type in ("response.completed", "response.incomplete"):  # incomplete: max_output_tokens hit
             rid = event.response.id
             usage = event.response.usage
             cached = usage.input_tokens_details.cached_tokens if usage is not None else 0
+    if not rid:
+        raise RuntimeError("a streamed response ended without its final event")
     return rid, Turn(s.kind, s.index, turn, ttft or time.perf_counter() - t0, cached,
                      raw.headers.get("x-cache-tier", "none"), raw.headers.get("x-strata-upstream", ""),
                      raw.headers.get("x-strata-route", ""))
@@ -136,7 +144,7 @@ def response_turn(client: OpenAI, model: str, s: Session, text: str, previous: s
 def run(balance: str, args: argparse.Namespace, sessions: list[Session], workdir: Path) -> RunResult:
     store = RedisServer(workdir / f"{balance}-redis")
     flags = ["--kv-cache-gb", str(args.kv_cache_gb), "--dram-kv-gb", str(args.dram_kv_gb), "--dtype", "float32",
-             *store.strata_args()]
+             "--max-num-seqs", str(MAX_NUM_SEQS), *store.strata_args()]
     cluster = Cluster(workdir / balance, flags, upstream_header=True, balance=balance)
     result = RunResult(balance)
     lock = threading.Lock()
@@ -191,39 +199,49 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summary(r: RunResult) -> dict:
-    later = [t for t in r.turns if t.turn >= 2]
+def summary(runs: list[RunResult]) -> dict:
+    """Over every run of one balancing: TTFTs and tiers pooled, walls and requests per server per run."""
+    later = [t for r in runs for t in r.turns if t.turn >= 2]
     tiers = Counter(t.tier if t.cached > 0 else "none" for t in later)
-    per_server = Counter(t.server for t in r.turns)
+    per_server = [sorted(Counter(t.server for t in r.turns).values(), reverse=True) for r in runs]
     decisions = Counter[str]()
-    for (_, decision), n in r.decisions.items():
-        decisions[decision] += n
-    return {"wall": r.seconds, "p50": statistics.median(t.ttft for t in later), "p99": quantile(
-        [t.ttft for t in later], 0.99), "hit": sum(t.cached > 0 for t in later) / len(later), "tiers": tiers,
-        "later": len(later), "per_server": sorted(per_server.values(), reverse=True), "decisions": decisions}
+    for r in runs:
+        for (_, decision), n in r.decisions.items():
+            decisions[decision] += n
+    misses = Counter(t.kind for t in later if t.cached == 0)
+    slowest = sorted(later, key=lambda t: -t.ttft)[:3]
+    return {"misses": misses, "slowest": [(t.kind, t.session, t.turn, round(t.ttft, 1)) for t in slowest],
+            "wall": statistics.mean(r.seconds for r in runs), "walls": [r.seconds for r in runs],
+            "p50": statistics.median(t.ttft for t in later), "p99": quantile([t.ttft for t in later], 0.99),
+            "hit": sum(t.cached > 0 for t in later) / len(later), "tiers": tiers, "later": len(later),
+            "per_server": per_server, "decisions": decisions}
 
 
-def write_doc(results: list[RunResult], args: argparse.Namespace, argv: list[str]) -> None:
-    rows = {r.balance: summary(r) for r in results}
+def write_doc(results: dict[str, list[RunResult]], args: argparse.Namespace, argv: list[str]) -> None:
+    rows = {balance: summary(runs) for balance, runs in results.items()}
     lines = [SECTION, "",
              "| routing | whole replay | p50 TTFT, turns 2+ | p99 TTFT, turns 2+ | turns 2+ that reused KV | "
              "by tier: " + " / ".join(TIERS) + " | requests per server | router decisions |",
              "|---|---:|---:|---:|---:|---|---|---|"]
     for balance, s in rows.items():
         decisions = ", ".join(f"{d} {n}" for d, n in sorted(s["decisions"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {balance} | {s['wall']:.0f} s | {s['p50'] * 1000:.0f} ms | {s['p99'] * 1000:.0f} ms | "
+        walls = " + ".join(f"{w:.0f}" for w in s["walls"])
+        servers = "; ".join(" / ".join(map(str, p)) for p in s["per_server"])
+        lines.append(f"| {balance} | {walls} s | {s['p50'] * 1000:.0f} ms | {s['p99'] * 1000:.0f} ms | "
                      f"{s['hit']:.0%} | " + " / ".join(str(s["tiers"][t]) for t in TIERS)
-                     + f" | {' / '.join(map(str, s['per_server']))} | {decisions} |")
+                     + f" | {servers} | {decisions} |")
     if "bounded" in rows and "consistent" in rows:
         b, c = rows["bounded"], rows["consistent"]
-        lines += ["", f"Bounded load over plain consistent hashing: whole replay {b['wall'] / c['wall']:.2f}x, "
+        lines += ["", f"Bounded load over plain consistent hashing: whole replay (mean of the runs) "
+                  f"{b['wall'] / c['wall']:.2f}x, "
                   f"p99 TTFT of turns 2+ {b['p99'] / c['p99']:.2f}x, p50 {b['p50'] / c['p50']:.2f}x, hit rate "
                   f"{b['hit'] / c['hit']:.2f}x."]
     command = " ".join(["python benchmarks/routing.py", *argv])
     lines += ["", f"Command: `{command}` (`make bench-routing`), run {datetime.date.today().isoformat()} on "
               f"{cpu_name()}: {args.instances} strata servers (one compute thread each, float32, `--kv-cache-gb "
-              f"{args.kv_cache_gb} --dram-kv-gb {args.dram_kv_gb}`, a shared redis tier) and HAProxy on one "
-              f"machine. {__doc__.split(chr(10) + chr(10))[3].strip()}", ""]
+              f"{args.kv_cache_gb} --dram-kv-gb {args.dram_kv_gb} --max-num-seqs {MAX_NUM_SEQS}`, a shared redis "
+              f"tier) and HAProxy on one "
+              f"machine. The replay:", "", *__doc__.split(chr(10) + chr(10))[3:5], ""]
     text = DOC.read_text()
     section = "\n".join(lines)
     if SECTION in text:
@@ -241,20 +259,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-gb", type=float, default=0.1)
     ap.add_argument("--dram-kv-gb", type=float, default=0.5)
     ap.add_argument("--balance", nargs="+", default=list(BALANCES), choices=BALANCES)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per balancing, the balancings taking turns")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args(argv)
     shown = sys.argv[1:] if argv is None else argv
     os.environ["OMP_NUM_THREADS"] = "1"  # the servers inherit it: one core's worth of compute each
     sessions = replay()
     log(f"replay: {len(sessions)} sessions, {sum(len(s.texts) for s in sessions)} turns")
-    results = []
+    results: dict[str, list[RunResult]] = {b: [] for b in args.balance}
     with tempfile.TemporaryDirectory(prefix="strata-bench-routing-") as tmp:
-        for balance in args.balance:
-            results.append(run(balance, args, sessions, Path(tmp)))
-            s = summary(results[-1])
-            log(f"{balance}: wall {s['wall']:.0f} s, p50 {s['p50'] * 1000:.0f} ms, p99 {s['p99'] * 1000:.0f} ms, "
-                f"hit {s['hit']:.0%}, tiers {dict(s['tiers'])}, per server {s['per_server']}, "
-                f"decisions {dict(s['decisions'])}")
+        for n in range(args.repeats):
+            for balance in args.balance:
+                results[balance].append(run(balance, args, sessions, Path(tmp) / f"run{n}"))
+                s = summary(results[balance][-1:])
+                log(f"{balance}: wall {s['wall']:.0f} s, p50 {s['p50'] * 1000:.0f} ms, p99 {s['p99'] * 1000:.0f} "
+                    f"ms, hit {s['hit']:.0%}, tiers {dict(s['tiers'])}, per server {s['per_server']}, decisions "
+                    f"{dict(s['decisions'])}, turns 2+ without reuse by kind {dict(s['misses'])}, slowest turns "
+                    f"{s['slowest']}")
     if not args.no_doc:
         write_doc(results, args, shown)
         log(f"wrote {DOC.relative_to(REPO)}")
