@@ -3,9 +3,10 @@
     python deploy/router_config.py kubernetes --replicas 2    # writes deploy/kubernetes/router-haproxy.cfg
                                                               # and its copy of route_decision.lua
 
-Balancing (`--balance`): `bounded` (the default: consistent hashing of the route key with bounded loads),
-`consistent` (the same ring without the bound) and `roundrobin` (no affinity): the last two exist for
-`make bench-routing`, which compares the three.
+Balancing (`--balance`): `bounded` (the default: consistent hashing of the route key with bounded loads; a
+session moved over the bound finds its KV in the shared tier), `consistent` (the same ring without the
+bound: for servers without a shared tier, where a move would recompute) and `roundrobin` (no affinity, for
+`make bench-routing`, which compares the three).
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ def render(servers: list[str], listen: str, lua_file: str, resolvers: str = "", 
     return text
 
 
-def kubernetes(replicas: int, upstream_header: bool = False) -> str:
+def kubernetes(replicas: int, upstream_header: bool = False, balance: str = "bounded") -> str:
     """The StatefulSet's pods by their stable names, re-resolved while the router runs (a restarted pod's
     new address; `init-addr none` lets the router start before every pod exists)."""
     pods = [f"strata-{i}.strata.{K8S_NAMESPACE}.svc.cluster.local:8000" for i in range(replicas)]
     resolvers = "resolvers cluster_dns\n    parse-resolv-conf\n    hold valid 10s\n"
-    return render(pods, ":8080", K8S_LUA_PATH, resolvers, "resolvers cluster_dns init-addr none",
-                  upstream_header=upstream_header)
+    return render(pods, ":8080", K8S_LUA_PATH, resolvers, "resolvers cluster_dns init-addr none", balance,
+                  upstream_header)
 
 
 def local(ports: list[int], listen_port: int, balance: str = "bounded", upstream_header: bool = False) -> str:
@@ -66,8 +67,9 @@ def local(ports: list[int], listen_port: int, balance: str = "bounded", upstream
                   upstream_header=upstream_header)
 
 
-def write_kubernetes(replicas: int, directory: Path = K8S_DIR, upstream_header: bool = False) -> None:
-    (directory / "router-haproxy.cfg").write_text(kubernetes(replicas, upstream_header))
+def write_kubernetes(replicas: int, directory: Path = K8S_DIR, upstream_header: bool = False,
+                     balance: str = "bounded") -> None:
+    (directory / "router-haproxy.cfg").write_text(kubernetes(replicas, upstream_header, balance))
     shutil.copyfile(LUA, directory / "router-route_decision.lua")
 
 
@@ -77,8 +79,10 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--upstream-header", action="store_true",
                     help="answer with X-Strata-Upstream (the pod address that answered): for debugging only")
+    ap.add_argument("--balance", choices=sorted(BALANCE), default="bounded",
+                    help="bounded (with a shared KV tier), consistent (without one: a move would recompute)")
     args = ap.parse_args()
-    write_kubernetes(args.replicas, upstream_header=args.upstream_header)
+    write_kubernetes(args.replicas, upstream_header=args.upstream_header, balance=args.balance)
 
 
 if __name__ == "__main__":
