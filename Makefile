@@ -38,7 +38,7 @@ services:
 cluster: $(STAMP) services
 	$(PY) deploy/cluster.py --instances $(or $(N),3) $(if $(REMOTE),--shared-tier) -- $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) services
 	$(PY) -m pytest -q -m "not slow" tests
 
 # On a GPU node (a CUDA build of torch in the venv; nvcc to compile the kernels on first use).

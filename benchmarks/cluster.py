@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machine import cpu_name  # benchmarks/ is on sys.path when run as a script
+from doc_section import write_heading_section  # benchmarks/ is on sys.path when run as a script
+from machine import cpu_name
 from multiturn import conversations
 from openai import OpenAI
 
@@ -178,15 +179,7 @@ def write_doc(results: list[RunResult], args: argparse.Namespace, argv: list[str
               "served. After a kill without a shared tier, the killed server's sessions recompute their whole "
               "history once on the server the ring gives them next, then hit there; with the shared tier "
               "(`--remote-kv`, a local redis-server) that next server imports their KV instead.", ""]
-    text = DOC.read_text()
-    section = "\n".join(lines)
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    write_heading_section(DOC, SECTION, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

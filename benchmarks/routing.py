@@ -39,7 +39,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machine import cpu_name  # benchmarks/ is on sys.path when run as a script
+import multiturn  # benchmarks/ is on sys.path when run as a script
+from doc_section import write_heading_section
+from machine import cpu_name
 from multiturn import conversations
 from openai import OpenAI
 
@@ -104,21 +106,11 @@ def replay(seed: int = 7) -> list[Session]:
 
 
 def chat_turn(client: OpenAI, model: str, s: Session, messages: list[dict]) -> tuple[str, Turn]:
-    t0 = time.perf_counter()
-    raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_headers={"X-Session-ID": f"{s.kind}-{s.index}"})
-    ttft, parts, cached = None, [], 0
-    for chunk in raw.parse():
-        if chunk.choices and chunk.choices[0].delta.content:
-            ttft = ttft if ttft is not None else time.perf_counter() - t0
-            parts.append(chunk.choices[0].delta.content)
-        if chunk.usage is not None:
-            cached = chunk.usage.prompt_tokens_details.cached_tokens or 0
+    ttft, _, answer, headers, _, cached = multiturn.chat_turn(client, model, f"{s.kind}-{s.index}", messages,
+                                                              MAX_TOKENS)
     turn = sum(m["role"] == "user" for m in messages)
-    return "".join(parts), Turn(s.kind, s.index, turn, ttft or time.perf_counter() - t0, cached,
-                                raw.headers.get("x-cache-tier", "none"), raw.headers.get("x-strata-upstream", ""),
-                                raw.headers.get("x-strata-route", ""))
+    return answer, Turn(s.kind, s.index, turn, ttft, cached, headers.get("x-cache-tier", "none"),
+                        headers.get("x-strata-upstream", ""), headers.get("x-strata-route", ""))
 
 
 def response_turn(client: OpenAI, model: str, s: Session, text: str, previous: str | None,
@@ -242,15 +234,7 @@ def write_doc(results: dict[str, list[RunResult]], args: argparse.Namespace, arg
               f"{args.kv_cache_gb} --dram-kv-gb {args.dram_kv_gb} --max-num-seqs {MAX_NUM_SEQS}`, a shared redis "
               f"tier) and HAProxy on one "
               f"machine. The replay:", "", *__doc__.split(chr(10) + chr(10))[3:5], ""]
-    text = DOC.read_text()
-    section = "\n".join(lines)
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    write_heading_section(DOC, SECTION, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

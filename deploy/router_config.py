@@ -12,7 +12,6 @@ bound: for servers without a shared tier, where a move would recompute) and `rou
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,7 +69,8 @@ def local(ports: list[int], listen_port: int, balance: str = "bounded", upstream
 def write_kubernetes(replicas: int, directory: Path = K8S_DIR, upstream_header: bool = False,
                      balance: str = "bounded") -> None:
     (directory / "router-haproxy.cfg").write_text(kubernetes(replicas, upstream_header, balance))
-    shutil.copyfile(LUA, directory / "router-route_decision.lua")
+    (directory / "router-route_decision.lua").write_text(
+        "-- A copy written by deploy/router_config.py: edit deploy/haproxy/route_decision.lua.\n" + LUA.read_text())
 
 
 def main() -> None:

@@ -241,7 +241,8 @@ def test_router_hashes_sessions_over_every_pod(tmp_path: Path):
     router_config.write_kubernetes(replicas, tmp_path)
     assert data["haproxy.cfg"] == (tmp_path / "router-haproxy.cfg").read_text(), \
         "run: python deploy/router_config.py kubernetes --replicas N"
-    assert data["route_decision.lua"] == router_config.LUA.read_text()
+    assert data["route_decision.lua"] == (tmp_path / "router-route_decision.lua").read_text()
+    assert data["route_decision.lua"].endswith(router_config.LUA.read_text())
     conf = data["haproxy.cfg"]
     assert "hash-type consistent" in conf and f"hash-balance-factor {router_config.BALANCE_FACTOR}" in conf
     assert [f"strata-{i}.strata.strata.svc.cluster.local:8000" in conf for i in range(replicas)] == [True] * replicas

@@ -1,3 +1,4 @@
+-- A copy written by deploy/router_config.py: edit deploy/haproxy/route_decision.lua.
 -- Why the router sent a request where it did (deploy/haproxy/router.cfg.template): sets txn.decision, which
 -- the router answers in X-Strata-Route, and counts decisions per server for /router/metrics.
 --
